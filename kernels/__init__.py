@@ -1,0 +1,11 @@
+"""Fused Triton kernels for blockwise self-supervised learning, each with its PyTorch reference."""
+from kernels._runtime import INTERPRETER, triton_can_run_on
+from kernels.sqrt_pool import sqrt_pool2d_ref
+from kernels.barlow_twins import barlow_twins_loss_ref
+
+__all__ = [
+    "INTERPRETER",
+    "triton_can_run_on",
+    "sqrt_pool2d_ref",
+    "barlow_twins_loss_ref",
+]

@@ -1,0 +1,53 @@
+"""Where the Triton kernels may run, decided once at import time.
+
+Triton picks compiled code or its CPU interpreter when a ``@triton.jit`` function is *decorated*,
+based on the environment variable ``TRITON_INTERPRET``. So the choice is fixed when this package is
+imported: a CUDA tensor always runs compiled Triton; a CPU tensor runs only if
+``TRITON_INTERPRET=1`` was set before triton was first imported (that is how CPU-only CI tests
+the kernel code). Anything else gets a clear error instead of a crash inside Triton.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def triton_can_run_on(device: torch.device) -> bool:
+    """True when a Triton kernel can run on tensors of ``device`` in this process."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and INTERPRETER
+
+
+def check_triton_device(op: str, *tensors: torch.Tensor) -> None:
+    """Raise a ValueError naming the valid options when the kernels cannot run on these tensors."""
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices))
+    if triton_can_run_on(device):
+        return
+    if device.type == "cpu":
+        raise ValueError(
+            f"{op}: got a CPU tensor, but the Triton kernels run on CPU only under Triton's "
+            "interpreter. Either move the input to a CUDA device, or set TRITON_INTERPRET=1 in "
+            "the environment before triton is first imported (slow; meant for tests), or use "
+            f"the PyTorch reference {op}_ref."
+        )
+    raise ValueError(f"{op}: unsupported device {device}; valid: cuda, or cpu with TRITON_INTERPRET=1")
+
+
+def check_float(op: str, name: str, t: torch.Tensor, allow_fp64: bool = True) -> None:
+    """TypeError unless ``t`` is a floating-point tensor of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    valid = _FLOAT_DTYPES if allow_fp64 else _FLOAT_DTYPES[:3]
+    if t.dtype not in valid:
+        names = ", ".join(str(d).replace("torch.", "") for d in valid)
+        raise TypeError(f"{op}: {name} must be floating point ({names}), got {t.dtype}")

@@ -1,0 +1,45 @@
+"""Test harness: CUDA when present, otherwise Triton's CPU interpreter.
+
+TRITON_INTERPRET must be in the environment before triton is first imported (triton reads it when
+a kernel is decorated), so this file decides the device before anything imports triton or our
+kernels. torch itself does not import triton at import time; we check that it did not.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could set TRITON_INTERPRET=1; "
+            "run the tests with TRITON_INTERPRET=1 in the environment"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device the kernels are tested on: CUDA, or the CPU under Triton's interpreter."""
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # A plain `pytest` runs each benchmark once as a test (fast); `pytest --benchmark-only`
+    # times them for real.
+    opt = config.option
+    if hasattr(opt, "benchmark_only") and not opt.benchmark_only and not getattr(
+        opt, "benchmark_enable", False
+    ):
+        opt.benchmark_disable = True
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
+    config.addinivalue_line("markers", "slow: slow on CPU")

@@ -1,0 +1,41 @@
+"""Comparison helpers shared by the test files (imported as ``from helpers import ...``)."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are 0)."""
+    a = a.detach().double().cpu()
+    b = b.detach().double().cpu()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0,
+                 name: str = "tensor") -> None:
+    """Like torch.testing.assert_close but says where and how much the tensors differ."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{name}: {(~torch.isfinite(a)).sum().item()} non-finite values"
+    diff = (a - e).abs()
+    bad = diff > atol + rtol * e.abs()
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{name}: {bad.sum().item()}/{bad.numel()} elements differ; worst abs diff "
+            f"{diff.max().item():.3e}; first at {idx}: got {a[tuple(idx)].item():.6e}, "
+            f"expected {e[tuple(idx)].item():.6e} (rtol={rtol}, atol={atol})"
+        )
+
+
+def assert_three_way(kernel: torch.Tensor, torch_same_dtype: torch.Tensor, ref64: torch.Tensor,
+                     atol: float = 1e-6, name: str = "tensor") -> None:
+    """bf16/fp16 rule: err(kernel vs fp64) <= 2 * err(torch same dtype vs fp64) + atol (relative norms)."""
+    k = rel_err(kernel, ref64)
+    t = rel_err(torch_same_dtype, ref64)
+    assert k <= 2 * t + atol, f"{name}: kernel rel err {k:.3e} > 2 * torch rel err {t:.3e} + {atol:g}"

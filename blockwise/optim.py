@@ -1,0 +1,176 @@
+"""Optimisers and the learning-rate schedule of the Barlow Twins recipe.
+
+LARS as in the official Barlow Twins code (facebookresearch/barlowtwins, main.py), per parameter p
+with gradient g, in a group with learning rate lr:
+    d = g + weight_decay * p                               (skipped for lars_exclude groups)
+    q = eta * ||p|| / ||d||  if ||p|| > 0 and ||d|| > 0 else 1   (skipped for lars_exclude groups)
+    mu = momentum * mu + q * d                             (mu starts at 0)
+    p = p - lr * mu
+Biases and normalisation parameters (every 1-D parameter) go in a ``lars_exclude`` group: no
+weight decay and no trust-ratio adaptation. The trust ratio is computed on the device with
+``torch.where``: a step never synchronises the host.
+
+Schedule (official code): linear warmup from 0, then cosine from base_lr to final_ratio * base_lr;
+the base learning rate is scaled by batch_size / 256.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Iterable, List, Union
+
+import torch
+import torch.nn as nn
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al., 2017), the official Barlow Twins variant.
+
+    A param group with ``lars_exclude=True`` gets neither weight decay nor adaptation (plain
+    momentum SGD); :func:`param_groups` builds such groups for biases and norm parameters.
+    """
+
+    def __init__(self, params, lr: float, weight_decay: float = 1e-6, momentum: float = 0.9,
+                 eta: float = 0.001):
+        if lr < 0:
+            raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"LARS: momentum must be in [0, 1), got {momentum}")
+        if eta <= 0:
+            raise ValueError(f"LARS: eta must be > 0, got {eta}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                        lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            exclude = group["lars_exclude"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("LARS does not support sparse gradients")
+                d = p.grad
+                if not exclude:
+                    if group["weight_decay"] != 0:
+                        d = d.add(p, alpha=group["weight_decay"])
+                    param_norm = torch.linalg.vector_norm(p)
+                    update_norm = torch.linalg.vector_norm(d)
+                    one = torch.ones_like(param_norm)
+                    # trust ratio on the device (no .item(): no host sync)
+                    q = torch.where(param_norm > 0,
+                                    torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
+                                    one)
+                    d = d.mul(q)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(d)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> List[dict]:
+    """Two groups: weights (``weight_decay``) and 1-D params (biases, norms: no decay, lars_exclude).
+
+    Only parameters that require grad; empty groups are left out.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"param_groups: expected an nn.Module, got {type(module).__name__}")
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "lars_exclude": False})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def _lars(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return LARS(params, lr=lr, weight_decay=weight_decay)
+
+
+def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+
+
+def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+#: optimiser name -> fn(params or param groups, lr, weight_decay) -> Optimizer
+OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "lars": _lars,
+    "sgd": _sgd,
+    "adamw": _adamw,
+}
+
+
+def build_optimizer(name: str, module_or_params: Union[nn.Module, Iterable], lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    """An optimiser from ``OPTIMIZERS``.
+
+    Given a module, its parameters are split by :func:`param_groups` (biases and norms get no
+    weight decay, and no LARS adaptation); given parameters or groups, they are used as they are.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
+    if isinstance(module_or_params, nn.Module):
+        params = param_groups(module_or_params, weight_decay)
+    else:
+        params = list(module_or_params)
+    if not params:
+        raise ValueError(f"build_optimizer({name!r}): no parameters to optimise")
+    return OPTIMIZERS[name](params, lr, weight_decay)
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float,
+                  final_ratio: float = 0.001) -> float:
+    """Learning rate at ``step`` (0-based): linear warmup from 0, then cosine to final_ratio * base_lr.
+
+    As the official Barlow Twins code: ``base_lr * step / warmup_steps`` during warmup, then
+    ``base_lr * q + final * (1 - q)`` with ``q = (1 + cos(pi * t)) / 2``, t going 0 -> 1 from the
+    end of warmup to ``total_steps``. Steps past ``total_steps`` stay at the final value.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"warmup_cosine: total_steps must be > 0, got {total_steps}")
+    if not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"warmup_cosine: warmup_steps must be in [0, total_steps={total_steps}], "
+                         f"got {warmup_steps}")
+    if step < 0:
+        raise ValueError(f"warmup_cosine: step must be >= 0, got {step}")
+    if not 0 <= final_ratio <= 1:
+        raise ValueError(f"warmup_cosine: final_ratio must be in [0, 1], got {final_ratio}")
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    final = base_lr * final_ratio
+    decay_steps = total_steps - warmup_steps
+    if decay_steps == 0:
+        return final
+    t = min(step - warmup_steps, decay_steps) / decay_steps
+    q = 0.5 * (1.0 + math.cos(math.pi * t))
+    return base_lr * q + final * (1.0 - q)
+
+
+def scaled_lr(base_lr: float, batch_size: int) -> float:
+    """The linear scaling rule of the recipe: ``base_lr * batch_size / 256``."""
+    if batch_size <= 0:
+        raise ValueError(f"scaled_lr: batch_size must be > 0, got {batch_size}")
+    return base_lr * batch_size / 256
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every param group's learning rate (call once per step with the schedule's value)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,432 @@
+"""Profiler: the trainer's one handle on time, energy and memory.
+
+    prof = Profiler(device, enabled=cfg.profile)   # enabled=False: every call is a cheap no-op
+    with prof.measure():                           # the measured part (after warm-up); may be
+        for step in ...:                           # entered several times (sequential: per block)
+            with prof.window("step"):
+                with prof.window("block1"): ...    # nestable, any depth
+            prof.add_images(batch_size)
+    prof.save(run_dir + "/profile.json", meta=config_dict)
+    prof.close()
+
+Every window boundary synchronizes the device once, then reads the energy meter (time, NVML
+counter, RAPL) and the memory meter (peaks; see memory.py for how nesting keeps each window's
+peak exact). Windows are aggregated by name, and only those that close inside ``measure()``
+count: warm-up steps (compilation, autotuning, cudnn benchmarking) stay out of the figures.
+Each ``measure()`` entry is one segment of the run; the run's time, images and energy are sums
+over segments, its peaks maxima. A segment is labelled with the ``block<k>`` window it contained
+(sequential mode trains one block per segment), so reports can give per-block costs.
+
+The cost of a boundary when enabled: one device synchronize, one NVML read per GPU, one RAPL
+read, one ``memory_stats`` call and a peak reset: tens of microseconds plus the time the GPU sits
+idle between the synchronize and the next kernel launch. The figures of an instrumented run
+include that; keep windows to the granularity the report needs.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+import socket
+import sys
+from typing import Any, Dict, List, Optional
+
+from profiling import _io
+from profiling.energy import EnergyMeter, EnergyWindow
+from profiling.memory import MemoryMeter, MemoryWindow
+
+SCHEMA = "blockwise.profile/1"
+MEASURE = "<measure>"  # the window name of a measure() segment (reserved)
+_BLOCK = re.compile(r"^block\d+$")
+TRACE_POINTS = 2000  # power_trace in profile.json is averaged down to at most this many points
+
+
+class _NullContext:
+    """A reusable do-nothing context manager (the disabled profiler's window/measure)."""
+
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _NullContext()
+
+
+class _Window:
+    __slots__ = ("prof", "name")
+
+    def __init__(self, prof: "Profiler", name: str):
+        self.prof, self.name = prof, name
+
+    def __enter__(self):
+        self.prof.begin(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.end(self.name)
+        return False
+
+
+class _Measure:
+    __slots__ = ("prof", "label")
+
+    def __init__(self, prof: "Profiler", label: Optional[str]):
+        self.prof, self.label = prof, label
+
+    def __enter__(self):
+        self.prof._measure_begin(self.label)
+        return self
+
+    def __exit__(self, *exc):
+        self.prof._measure_end()
+        return False
+
+
+class _Agg:
+    __slots__ = ("count", "time", "energy", "energy_missing", "sampled", "sampled_missing",
+                 "short", "peak_alloc", "peak_res", "images", "depth")
+
+    def __init__(self, depth: int):
+        self.count = 0
+        self.time = 0.0
+        self.energy = 0.0
+        self.energy_missing = False
+        self.sampled = 0.0
+        self.sampled_missing = False
+        self.short = 0
+        self.peak_alloc: Optional[float] = None
+        self.peak_res: Optional[float] = None
+        self.images = 0
+        self.depth = depth
+
+    def add(self, e: EnergyWindow, m: MemoryWindow, images: int) -> None:
+        self.count += 1
+        self.time += e.time_s
+        if e.energy_j is None:
+            self.energy_missing = True
+        else:
+            self.energy += e.energy_j
+        if e.sampled_energy_j is None:
+            self.sampled_missing = True
+        else:
+            self.sampled += e.sampled_energy_j
+        self.short += int(e.short)
+        if m.peak_allocated_gib is not None:
+            self.peak_alloc = max(self.peak_alloc or 0.0, m.peak_allocated_gib)
+            self.peak_res = max(self.peak_res or 0.0, m.peak_reserved_gib or 0.0)
+        self.images += images
+        self.depth = min(self.depth, e.depth)
+
+    def as_dict(self) -> dict:
+        energy = None if self.energy_missing else self.energy
+        return {
+            "count": self.count,
+            "time_s_total": self.time,
+            "time_s_mean": self.time / self.count,
+            "energy_j": energy,
+            "short_windows": self.short,
+            "peak_allocated_gib": self.peak_alloc,
+            "peak_reserved_gib": self.peak_res,
+            # beyond the binding schema (readers may ignore them):
+            "mean_power_w": energy / self.time if energy is not None and self.time > 0 else None,
+            "sampled_energy_j": None if self.sampled_missing else self.sampled,
+            "images": self.images,  # add_images() calls made while this window was open
+            "depth": self.depth,
+        }
+
+
+class Profiler:
+    """Time, energy and peak memory per named window on ``device`` (see the module docstring).
+
+    Args:
+        device: the training device; CUDA gets energy (NVML) and memory figures, CPU gets time
+            and (where readable) RAPL CPU energy, the rest marked unavailable with a reason.
+        enabled: False makes every method a no-op (nothing initialised, no synchronize).
+        sample_interval_s: power-sampling period (power trace, sampling fallback).
+        energy_method: "auto" | "counter" | "sampling" (see EnergyMeter).
+        energy_meter, memory_meter: injected meters (tests); default built for ``device``.
+    """
+
+    def __init__(self, device: Any = "cuda", enabled: bool = True, *,
+                 sample_interval_s: Optional[float] = 0.02, energy_method: str = "auto",
+                 cpu_energy: bool = True, energy_meter: Optional[EnergyMeter] = None,
+                 memory_meter: Optional[MemoryMeter] = None):
+        self.enabled = bool(enabled)
+        if not self.enabled:
+            return
+        import torch
+
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from e
+        if self.device.type == "cuda" and self.device.index is None and torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._torch = torch
+        is_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._cuda = is_cuda
+        if energy_meter is None:
+            energy_meter = EnergyMeter([self.device] if is_cuda else [], method=energy_method,
+                                       sample_interval_s=sample_interval_s, cpu=cpu_energy,
+                                       sync=False)
+            if not is_cuda:
+                energy_meter.gpu_unavailable = (
+                    f"device is {self.device.type}: no GPU energy to measure"
+                    if self.device.type != "cuda" else "CUDA is not available")
+        self.energy = energy_meter
+        self.memory = memory_meter if memory_meter is not None else MemoryMeter(self.device)
+        self._stack: List[tuple] = []  # (name, images at begin)
+        self._agg: Dict[str, _Agg] = {}
+        self._segments: List[dict] = []
+        self._measuring = False
+        self._images = 0  # images added inside measured steps, all segments
+        self._seg_images0 = 0
+        self._seg_label: Optional[str] = None
+        self._seg_blocks: set = set()
+
+    # -- windows -------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        if self._cuda:
+            self._torch.cuda.synchronize(self.device)  # host-device sync: window boundary
+
+    def window(self, name: str):
+        """Context manager around a named window (nestable)."""
+        if not self.enabled:
+            return _NULL
+        return _Window(self, name)
+
+    def begin(self, name: str) -> None:
+        if not self.enabled:
+            return
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"window name must be a non-empty string, got {name!r}")
+        self._sync()
+        self.memory.begin(name)
+        self.energy.begin(name)
+        self._stack.append((name, self._images))
+
+    def end(self, name: str) -> None:
+        if not self.enabled:
+            return
+        if not self._stack:
+            raise ValueError(f"end({name!r}) but no window is open")
+        if self._stack[-1][0] != name:
+            raise ValueError(f"end({name!r}) but the innermost open window is "
+                             f"{self._stack[-1][0]!r} (open: {[s[0] for s in self._stack]}); "
+                             "windows must close innermost first")
+        self._sync()
+        e = self.energy.end(name)
+        m = self.memory.end(name, nvml=name == MEASURE)
+        _, images0 = self._stack.pop()
+        if name == MEASURE:
+            self._last_measure = (e, m)
+            return
+        if self._measuring:
+            agg = self._agg.get(name)
+            if agg is None:
+                agg = self._agg[name] = _Agg(e.depth)
+            agg.add(e, m, self._images - images0)
+            if _BLOCK.match(name):
+                self._seg_blocks.add(name)
+
+    # -- the measured part ---------------------------------------------------------------------
+    def measure(self, label: Optional[str] = None):
+        """Context manager around the measured part of the run (after warm-up)."""
+        if not self.enabled:
+            return _NULL
+        if label is not None and not isinstance(label, str):
+            raise TypeError(f"label must be a string or None, got {type(label).__name__}")
+        return _Measure(self, label)
+
+    def _measure_begin(self, label: Optional[str]) -> None:
+        if self._measuring:
+            raise ValueError("measure() is already active; it cannot be nested")
+        self.begin(MEASURE)
+        self._measuring = True
+        self._seg_images0 = self._images
+        self._seg_label = label
+        self._seg_blocks = set()
+
+    def _measure_end(self) -> None:
+        self._measuring = False
+        self.end(MEASURE)
+        e, m = self._last_measure
+        images = self._images - self._seg_images0
+        label = self._seg_label
+        if label is None and len(self._seg_blocks) == 1:
+            label = next(iter(self._seg_blocks))
+        self._segments.append({
+            "label": label,
+            "start_s": e.start_s,
+            "time_s": e.time_s,
+            "images": images,
+            "energy_j": e.energy_j,
+            "sampled_energy_j": e.sampled_energy_j,
+            "cpu_energy_j": e.cpu_energy_j,
+            "short": e.short,
+            "counter_reset": e.counter_reset,
+            "peak_allocated_gib": m.peak_allocated_gib,
+            "peak_reserved_gib": m.peak_reserved_gib,
+            "nvml_used_gib": m.nvml_used_gib,
+            "oom_count": m.oom_count,
+            "energy_unavailable": e.gpu_unavailable,
+            "cpu_energy_unavailable": e.cpu_unavailable,
+        })
+
+    def add_images(self, n: int) -> None:
+        """Count ``n`` image pairs processed by a measured step (ignored outside measure())."""
+        if not self.enabled:
+            return
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"add_images needs a non-negative int, got {n!r}")
+        if self._measuring:
+            self._images += n
+
+    def peak_memory(self) -> Optional[dict]:
+        """Peak allocated/reserved GiB since the profiler started (windows reset PyTorch's own
+        max_memory_allocated, so read peaks here), or None when not measured."""
+        if not self.enabled:
+            return None
+        return self.memory.peak_since_start()
+
+    # -- results -------------------------------------------------------------------------------
+    def environment(self) -> dict:
+        torch = self._torch
+        env = {"gpu": None, "driver": self.energy.driver, "cuda": torch.version.cuda,
+               "torch": torch.__version__, "triton": _version("triton"),
+               "hostname": socket.gethostname(), "python": platform.python_version(),
+               # beyond the binding schema:
+               "device": str(self.device), "cpu": _cpu_name(), "gpu_memory_gib": None,
+               "nvml_gpus": self.energy.info()["gpus"]}
+        if self._cuda:
+            props = torch.cuda.get_device_properties(self.device)
+            env["gpu"] = props.name
+            env["gpu_memory_gib"] = props.total_memory / float(1 << 30)
+        return env
+
+    def summary(self, meta: Optional[dict] = None) -> dict:
+        """The profile.json content (schema ``blockwise.profile/1``)."""
+        if not self.enabled:
+            raise RuntimeError("the profiler is disabled (enabled=False): nothing was measured")
+        segs = self._segments
+        energy_reason = self.energy.gpu_unavailable
+        memory_reason = self.memory.unavailable
+        if not segs:
+            energy_reason = energy_reason or "nothing measured: measure() was never entered"
+            memory_reason = memory_reason or "nothing measured: measure() was never entered"
+        time_s = sum(s["time_s"] for s in segs) if segs else None
+        images = sum(s["images"] for s in segs)
+
+        def total(key: str) -> Optional[float]:
+            vals = [s[key] for s in segs]
+            return sum(vals) if vals and all(v is not None for v in vals) else None
+
+        def peak(key: str) -> Optional[float]:
+            vals = [s[key] for s in segs if s[key] is not None]
+            return max(vals) if vals else None
+
+        energy = total("energy_j")
+        if segs and energy is None and energy_reason is None:
+            energy_reason = next((s["energy_unavailable"] for s in segs
+                                  if s["energy_unavailable"]), "GPU energy not measured")
+        ooms = [s["oom_count"] for s in segs if s["oom_count"] is not None]
+        run = {
+            "time_s": time_s,
+            "images": images,
+            "throughput_img_s": images / time_s if time_s and images else None,
+            "energy_j": energy,
+            "energy_method": self.energy.method if energy is not None else None,
+            "energy_per_image_j": energy / images if energy is not None and images else None,
+            "mean_power_w": energy / time_s if energy is not None and time_s else None,
+            "cpu_energy_j": total("cpu_energy_j"),
+            "peak_allocated_gib": peak("peak_allocated_gib"),
+            "peak_reserved_gib": peak("peak_reserved_gib"),
+            "nvml_used_gib": peak("nvml_used_gib"),
+            "oom_count": sum(ooms) if ooms else None,
+            "unavailable": {
+                "energy": None if energy is not None else energy_reason,
+                "memory": memory_reason,
+            },
+            # beyond the binding schema:
+            "sampled_energy_j": total("sampled_energy_j"),
+            "cpu_energy_unavailable": (self.energy.cpu_unavailable
+                                       if total("cpu_energy_j") is None else None),
+            "segments": segs,
+        }
+        trace = self.energy.power_trace()
+        power_trace = None
+        if trace is not None:
+            t, p = _downsample(trace.t_s, trace.power_w, TRACE_POINTS)
+            power_trace = {"t_s": t, "power_w": p, "source": trace.source,
+                           "measured_s": [[s["start_s"], s["start_s"] + s["time_s"]]
+                                          for s in segs]}
+        return {
+            "schema": SCHEMA,
+            "meta": dict(meta or {}),
+            "environment": self.environment(),
+            "run": run,
+            "windows": {name: agg.as_dict() for name, agg in self._agg.items()},
+            "power_trace": power_trace,
+            "meters": {"energy": self.energy.info(),
+                       "memory": {"available": self.memory.available,
+                                  "unavailable": self.memory.unavailable,
+                                  "nvml_unavailable": self.memory.nvml_unavailable}},
+        }
+
+    def save(self, path: str, meta: Optional[dict] = None) -> Optional[str]:
+        """Write profile.json atomically; returns the path (None when disabled)."""
+        if not self.enabled:
+            return None
+        if meta is not None and not isinstance(meta, dict):
+            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+        if self._stack:
+            raise ValueError(f"save() with windows still open: {[s[0] for s in self._stack]}")
+        _io.atomic_write_json(path, self.summary(meta))
+        return path
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.energy.close()
+        self.memory.close()
+
+    def __enter__(self) -> "Profiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)  # no import: triton must not load early
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _downsample(t: List[float], p: List[float], n: int):
+    """Average consecutive samples into at most ``n`` points (keeps the integral's shape)."""
+    if len(t) <= n:
+        return list(t), list(p)
+    step = len(t) / n
+    out_t, out_p = [], []
+    for i in range(n):
+        a, b = int(i * step), max(int((i + 1) * step), int(i * step) + 1)
+        out_t.append(sum(t[a:b]) / (b - a))
+        out_p.append(sum(p[a:b]) / (b - a))
+    return out_t, out_p

@@ -125,7 +125,12 @@ def export_torchvision_state_dict(blocks: nn.ModuleList, arch: str,
             "Pass allow_small_stem=True to export it anyway (load with strict=False and replace "
             "conv1/maxpool yourself)."
         )
-    reference = ARCHS[arch](weights=None).state_dict()
+    # keys and shapes from a model on the meta device (no memory, no init cost); fc is the only
+    # part not taken from the blocks: a fresh nn.Linear, which is how torchvision initialises it
+    with torch.device("meta"):
+        meta_net = ARCHS[arch](weights=None)
+    reference = meta_net.state_dict()
+    fc = nn.Linear(meta_net.fc.in_features, meta_net.fc.out_features)
     out: Dict[str, torch.Tensor] = OrderedDict()
     for key, value in blocks.state_dict().items():
         name = _block_prefix_to_torchvision(key)
@@ -137,9 +142,8 @@ def export_torchvision_state_dict(blocks: nn.ModuleList, arch: str,
                              f"{tuple(value.shape)}, {arch} expects {tuple(reference[name].shape)}; "
                              "are these blocks of another arch?")
         out[name] = value.detach().cpu().clone()
-    for name, value in reference.items():
-        if name.startswith("fc."):
-            out[name] = value
+    out["fc.weight"] = fc.weight.detach()
+    out["fc.bias"] = fc.bias.detach()
     missing = [name for name in reference if name not in out]
     if missing:
         raise ValueError(f"export_torchvision_state_dict: blocks lack {arch} keys {missing[:5]}")

@@ -1,0 +1,210 @@
+"""Profiler: disabled no-op, windows aggregated by name inside measure(), profile.json schema."""
+import json
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from fake_nvml import FakeClock, FakeCudaMemory, FakeGPU, FakeNVML
+from profiling import Profiler
+from profiling.energy import EnergyMeter
+from profiling.memory import GIB, MemoryMeter
+from profiling.profiler import SCHEMA, _downsample
+
+MIB = 1 << 20
+RUN_KEYS = {"time_s", "images", "throughput_img_s", "energy_j", "energy_method",
+            "energy_per_image_j", "mean_power_w", "cpu_energy_j", "peak_allocated_gib",
+            "peak_reserved_gib", "nvml_used_gib", "oom_count", "unavailable"}
+WINDOW_KEYS = {"count", "time_s_total", "time_s_mean", "energy_j", "short_windows",
+               "peak_allocated_gib", "peak_reserved_gib"}
+ENV_KEYS = {"gpu", "driver", "cuda", "torch", "triton", "hostname", "python"}
+
+
+def check_schema(p: dict) -> None:
+    assert p["schema"] == SCHEMA
+    assert {"schema", "meta", "environment", "run", "windows", "power_trace"} <= set(p)
+    assert ENV_KEYS <= set(p["environment"])
+    assert RUN_KEYS <= set(p["run"])
+    assert set(p["run"]["unavailable"]) == {"energy", "memory"}
+    for w in p["windows"].values():
+        assert WINDOW_KEYS <= set(w)
+    if p["power_trace"] is not None:
+        assert len(p["power_trace"]["t_s"]) == len(p["power_trace"]["power_w"])
+
+
+def test_disabled_is_a_no_op(monkeypatch, tmp_path):
+    class Exploding:
+        def __getattr__(self, name):
+            raise AssertionError(f"disabled profiler touched pynvml.{name}")
+
+    monkeypatch.setitem(sys.modules, "pynvml", Exploding())
+    prof = Profiler("cuda", enabled=False)
+    w = prof.window("step")
+    assert w is prof.window("other"), "disabled window() should return one shared object"
+    with prof.measure():
+        with prof.window("step"):
+            prof.begin("x")
+            prof.end("y")  # not even checked
+        prof.add_images(-5)
+    assert prof.save(str(tmp_path / "profile.json"), {"a": 1}) is None
+    assert prof.peak_memory() is None
+    prof.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_cpu_profile_marks_unavailable_and_aggregates(tmp_path):
+    prof = Profiler("cpu")
+    with prof.window("step"):  # warm-up: outside measure(), not counted
+        time.sleep(0.001)
+    prof.add_images(99)  # ignored: not measuring
+    for block in ("block1", "block2"):
+        with prof.measure():
+            for _ in range(3):
+                with prof.window("step"):
+                    with prof.window(block):
+                        with prof.window(block + "/forward"):
+                            time.sleep(0.002)
+                prof.add_images(4)
+    path = prof.save(str(tmp_path / "profile.json"), {"mode": "sequential"})
+    prof.close()
+    p = json.load(open(path))
+    check_schema(p)
+    assert os.listdir(tmp_path) == ["profile.json"]
+    run = p["run"]
+    assert run["images"] == 24
+    segs = run["segments"]
+    assert [s["label"] for s in segs] == ["block1", "block2"]
+    assert run["time_s"] == pytest.approx(sum(s["time_s"] for s in segs))
+    assert run["throughput_img_s"] == pytest.approx(24 / run["time_s"])
+    for key in ("energy_j", "energy_per_image_j", "mean_power_w", "peak_allocated_gib",
+                "peak_reserved_gib", "nvml_used_gib", "oom_count", "energy_method"):
+        assert run[key] is None, key  # not measured on CPU: null, never 0
+    assert "cpu" in run["unavailable"]["energy"] and "CUDA" in run["unavailable"]["memory"]
+    w = p["windows"]
+    assert w["step"]["count"] == 6  # the warm-up step is not in it
+    assert w["block1"]["count"] == 3 and w["block2/forward"]["count"] == 3
+    assert w["step"]["time_s_mean"] == pytest.approx(w["step"]["time_s_total"] / 6)
+    assert w["step"]["time_s_total"] >= w["block1"]["time_s_total"] + w["block2"]["time_s_total"]
+    assert w["step"]["energy_j"] is None and w["step"]["peak_allocated_gib"] is None
+    assert p["power_trace"] is None
+    assert p["environment"]["gpu"] is None and p["environment"]["torch"] == torch.__version__
+    assert p["meta"] == {"mode": "sequential"}
+
+
+def test_with_fake_gpu_meters(monkeypatch, tmp_path):
+    clock = FakeClock()
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)
+    mem = FakeCudaMemory()
+    energy = EnergyMeter(clock=clock, sample_interval_s=None, cpu=False, sync=False)
+    prof = Profiler("cpu", energy_meter=energy,
+                    memory_meter=MemoryMeter("cuda", backend=mem, nvml=False))
+    with prof.measure():
+        for step in range(4):
+            with prof.window("step"):
+                with prof.window("forward"):
+                    mem.malloc(300 * MIB)
+                    clock.advance(0.2)
+                with prof.window("backward"):
+                    mem.free(300 * MIB)
+                    mem.malloc(100 * MIB)
+                    clock.advance(0.3)
+                    mem.free(100 * MIB)
+                if step == 2:
+                    with prof.window("tiny"):
+                        clock.advance(0.01)
+            prof.add_images(32)
+    p = prof.summary({"mode": "e2e"})
+    prof.close()
+    check_schema(p)
+    run = p["run"]
+    assert run["energy_method"] == "counter"
+    assert run["time_s"] == pytest.approx(4 * 0.5 + 0.01)
+    assert run["energy_j"] == pytest.approx(250.0 * run["time_s"], abs=250.0 * 0.1)
+    assert run["energy_per_image_j"] == pytest.approx(run["energy_j"] / 128)
+    assert run["mean_power_w"] == pytest.approx(run["energy_j"] / run["time_s"])
+    assert run["peak_allocated_gib"] * GIB == 300 * MIB
+    assert run["unavailable"] == {"energy": None, "memory": None}
+    w = p["windows"]
+    assert w["forward"]["energy_j"] == pytest.approx(4 * 0.2 * 250.0, abs=25.0)
+    assert w["forward"]["peak_allocated_gib"] * GIB == 300 * MIB
+    assert w["backward"]["peak_allocated_gib"] * GIB == 300 * MIB  # freed inside it
+    assert w["tiny"]["short_windows"] == 1 and w["forward"]["short_windows"] == 0
+    assert p["environment"]["driver"] == "999.99"
+
+
+def test_measure_cannot_nest_and_windows_are_checked():
+    prof = Profiler("cpu")
+    with prof.measure():
+        with pytest.raises(ValueError, match="cannot be nested"):
+            prof._measure_begin(None)
+        with pytest.raises(ValueError, match="non-negative int"):
+            prof.add_images(2.5)
+        with pytest.raises(ValueError, match="non-negative int"):
+            prof.add_images(True)
+        prof.begin("a")
+        with pytest.raises(ValueError, match="innermost open window is 'a'"):
+            prof.end("b")
+        prof.end("a")
+    with pytest.raises(TypeError, match="label"):
+        prof.measure(3)
+    prof.begin("open")
+    with pytest.raises(ValueError, match="windows still open"):
+        prof.save("/nonexistent/profile.json", {})
+    with pytest.raises(TypeError, match="meta must be a dict"):
+        prof.save("/nonexistent/profile.json", ["not", "a", "dict"])
+    prof.end("open")
+    prof.close()
+    with pytest.raises(ValueError, match="device"):
+        Profiler("tpu:0")
+
+
+def test_nothing_measured_says_so(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)
+    prof = Profiler("cpu", energy_meter=EnergyMeter(clock=clock, sample_interval_s=None,
+                                                    cpu=False, sync=False),
+                    memory_meter=MemoryMeter("cuda", backend=FakeCudaMemory(), nvml=False))
+    with prof.window("step"):
+        clock.advance(1.0)
+    p = prof.summary({})
+    prof.close()
+    run = p["run"]
+    assert run["time_s"] is None and run["throughput_img_s"] is None and run["energy_j"] is None
+    assert "never entered" in run["unavailable"]["energy"]
+    assert "never entered" in run["unavailable"]["memory"]
+    assert p["windows"] == {}
+
+
+def test_downsample_keeps_mean():
+    t = [i * 0.01 for i in range(10_001)]
+    p = [100.0 + (i % 7) for i in range(10_001)]
+    dt, dp = _downsample(t, p, 500)
+    assert len(dt) == len(dp) == 500
+    assert sum(dp) / len(dp) == pytest.approx(sum(p) / len(p), rel=1e-3)
+    assert dt == sorted(dt)
+    assert _downsample([1.0, 2.0], [3.0, 4.0], 500) == ([1.0, 2.0], [3.0, 4.0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_profile(tmp_path):
+    dev = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=dev)
+    prof = Profiler(dev)
+    with prof.measure():
+        for _ in range(5):
+            with prof.window("step"):
+                y = x @ x
+                del y
+            prof.add_images(1)
+    p = json.load(open(prof.save(str(tmp_path / "profile.json"), {"t": 1})))
+    prof.close()
+    check_schema(p)
+    assert p["environment"]["gpu"] == torch.cuda.get_device_name(dev)
+    assert p["run"]["peak_allocated_gib"] * GIB >= 2 * 4096 * 4096 * 4
+    assert p["run"]["oom_count"] == 0
+    if p["run"]["energy_j"] is not None:
+        assert p["run"]["energy_j"] > 0 and p["run"]["energy_method"] in ("counter", "sampling")
+    else:
+        assert p["run"]["unavailable"]["energy"]

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from blockwise.data import (DATASETS, DIGITS_TEST_FRACTION, TwoViewTransform, build_datasets,
-                            build_loader)
+from blockwise.data import (DATASETS, DIGITS_TEST_FRACTION, RandomGaussianBlur, TwoViewTransform,
+                            build_datasets, build_loader)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,10 @@ def test_two_view_transform(size, kind):
     assert v1.dtype == torch.float32 and type(v1) is torch.Tensor
     assert not torch.equal(v1, v2_)
     # the asymmetry of the official recipe: blur (large images only) and solarize on view 2 only
-    assert _contains(t.view1, v2.GaussianBlur) == (size >= 64)
-    assert _contains(t.view2, v2.GaussianBlur) == (size >= 64)
+    blur1 = [m for m in t.view1.transforms if isinstance(m, RandomGaussianBlur)]
+    blur2 = [m for m in t.view2.transforms if isinstance(m, RandomGaussianBlur)]
+    assert [m.p for m in blur1] == ([1.0] if size >= 64 else [])
+    assert [m.p for m in blur2] == ([0.1] if size >= 64 else [])
     assert not _contains(t.view1, v2.RandomSolarize) and _contains(t.view2, v2.RandomSolarize)
     crop = [m for m in t.view1.transforms if isinstance(m, v2.RandomResizedCrop)][0]
     assert crop.scale == ((0.2, 1.0) if size <= 64 else (0.08, 1.0))
@@ -251,3 +253,21 @@ def test_loader_distributed_sampler(tmp_path):
         assert labels.numel() == 12
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["pil", "tensor"])
+def test_random_gaussian_blur(kind):
+    rng = np.random.default_rng(1)
+    array = rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)
+    image = Image.fromarray(array) if kind == "pil" else torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+    def as_tensor(img):
+        return v2.functional.pil_to_tensor(img) if kind == "pil" else img
+
+    blurred = as_tensor(RandomGaussianBlur(1.0, 7, sigma=(1.5, 2.0))(image)).float()
+    original = as_tensor(image).float()
+    assert blurred.shape == original.shape
+    # blurring noise lowers its variance a lot; the mean stays
+    assert blurred.std() < 0.6 * original.std()
+    assert abs(blurred.mean() - original.mean()) < 5
+    assert RandomGaussianBlur(0.0, 7)(image) is image

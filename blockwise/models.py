@@ -92,19 +92,32 @@ def _block_prefix_to_torchvision(key: str) -> str:
 
 
 def _has_small_stem(blocks: nn.ModuleList) -> bool:
-    conv1 = blocks[0].conv1
-    return tuple(conv1.kernel_size) != (7, 7)
+    return tuple(blocks[0].conv1.kernel_size) != (7, 7)
 
 
-def _check_blocks(blocks: nn.ModuleList, fn: str) -> None:
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) != 4:
+def _unwrap(block: nn.Module) -> nn.Module:
+    """The plain block inside torch.compile (``_orig_mod``) or DDP (``module``) wrappers."""
+    while True:
+        if isinstance(getattr(block, "_orig_mod", None), nn.Module):
+            block = block._orig_mod
+        elif isinstance(block, nn.parallel.DistributedDataParallel):
+            block = block.module
+        else:
+            return block
+
+
+def _check_blocks(blocks, fn: str) -> nn.ModuleList:
+    """The 4 plain blocks (wrappers removed), or TypeError if these are not build_blocks' blocks."""
+    if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) != 4:
         raise TypeError(f"{fn}: expected the nn.ModuleList of 4 blocks from build_blocks, "
                         f"got {type(blocks).__name__}")
+    blocks = nn.ModuleList(_unwrap(b) for b in blocks)
     for k, (block, names) in enumerate(zip(blocks, BLOCK_LAYERS)):
         got = tuple(name for name, _ in block.named_children())
         if got != names:
             raise TypeError(f"{fn}: block {k + 1} has children {got}, expected {names} "
                             "(blocks must come from build_blocks)")
+    return blocks
 
 
 def export_torchvision_state_dict(blocks: nn.ModuleList, arch: str,
@@ -117,7 +130,7 @@ def export_torchvision_state_dict(blocks: nn.ModuleList, arch: str,
     ``allow_small_stem=True``, which returns the dict anyway (not strict-loadable).
     """
     _check_arch(arch)
-    _check_blocks(blocks, "export_torchvision_state_dict")
+    blocks = _check_blocks(blocks, "export_torchvision_state_dict")
     if _has_small_stem(blocks) and not allow_small_stem:
         raise ValueError(
             "export_torchvision_state_dict: these blocks use the small-image stem (3x3 conv1, "
@@ -155,7 +168,7 @@ def load_torchvision_state_dict(blocks: nn.ModuleList, state_dict: Dict[str, tor
 
     ``fc.*`` keys are ignored. The inverse of :func:`export_torchvision_state_dict`.
     """
-    _check_blocks(blocks, "load_torchvision_state_dict")
+    blocks = _check_blocks(blocks, "load_torchvision_state_dict")
     layer_to_block = {name: k for k, names in enumerate(BLOCK_LAYERS) for name in names}
     mapped = OrderedDict()
     for key, value in state_dict.items():

@@ -255,3 +255,13 @@ def test_export_refuses_small_stem_and_wrong_arch():
         export_torchvision_state_dict(build_blocks("resnet18", small_stem=False), "resnet50")
     with pytest.raises(ValueError, match="resnet18"):
         export_torchvision_state_dict(small, "resnet101")
+
+
+def test_export_sees_through_compile_wrappers():
+    blocks = build_blocks("resnet18", small_stem=False)
+    wrapped = nn.ModuleList([torch.compile(b) for b in blocks])  # compiles lazily: nothing runs
+    sd = export_torchvision_state_dict(wrapped, "resnet18")
+    assert not any("_orig_mod" in k for k in sd)
+    assert torch.equal(sd["layer2.0.conv1.weight"], blocks[1].layer2[0].conv1.weight)
+    with pytest.raises(TypeError, match="build_blocks"):
+        export_torchvision_state_dict(nn.ModuleList([nn.Sequential()] * 4), "resnet18")

@@ -16,7 +16,7 @@ the base learning rate is scaled by batch_size / 256.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, List, Union
+from typing import Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,7 @@ class LARS(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 1e-6, momentum: float = 0.9,
-                 eta: float = 0.001):
+                 eta: float = 0.001, foreach: Optional[bool] = None):
         if lr < 0:
             raise ValueError(f"LARS: lr must be >= 0, got {lr}")
         if weight_decay < 0:
@@ -42,39 +42,68 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
                         lars_exclude=False)
         super().__init__(params, defaults)
+        #: None: the multi-tensor path on CUDA (a few launches per group instead of ~8 per
+        #: parameter), the per-parameter loop elsewhere; both compute the same update
+        self.foreach = foreach
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            exclude = group["lars_exclude"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise TypeError("LARS does not support sparse gradients")
-                d = p.grad
-                if not exclude:
-                    if group["weight_decay"] != 0:
-                        d = d.add(p, alpha=group["weight_decay"])
-                    param_norm = torch.linalg.vector_norm(p)
-                    update_norm = torch.linalg.vector_norm(d)
-                    one = torch.ones_like(param_norm)
-                    # trust ratio on the device (no .item(): no host sync)
-                    q = torch.where(param_norm > 0,
-                                    torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one),
-                                    one)
-                    d = d.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(d)
-                p.add_(mu, alpha=-group["lr"])
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            foreach = self.foreach if self.foreach is not None else all(p.is_cuda for p in params)
+            # one list per (device, dtype): the multi-tensor kernels need uniform lists
+            buckets: Dict[tuple, List[torch.Tensor]] = {}
+            for p in params:
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+            for bucket in buckets.values():
+                (_step_foreach if foreach else _step_loop)(bucket, [self.state[p]["mu"] for p in bucket], group)
         return loss
+
+
+def _trust_ratio(param_norm: torch.Tensor, update_norm: torch.Tensor, eta: float) -> torch.Tensor:
+    """eta * ||p|| / ||d||, or 1 where either norm is 0; on the device (no .item(): no host sync)."""
+    one = torch.ones_like(param_norm)
+    return torch.where(param_norm > 0,
+                       torch.where(update_norm > 0, eta * param_norm / update_norm, one), one)
+
+
+def _step_loop(params: List[torch.Tensor], mus: List[torch.Tensor], group: dict) -> None:
+    """The official code's per-parameter update (the reference for the multi-tensor path)."""
+    for p, mu in zip(params, mus):
+        d = p.grad
+        if not group["lars_exclude"]:
+            if group["weight_decay"] != 0:
+                d = d.add(p, alpha=group["weight_decay"])
+            d = d.mul(_trust_ratio(torch.linalg.vector_norm(p), torch.linalg.vector_norm(d), group["eta"]))
+        mu.mul_(group["momentum"]).add_(d)
+        p.add_(mu, alpha=-group["lr"])
+
+
+def _step_foreach(params: List[torch.Tensor], mus: List[torch.Tensor], group: dict) -> None:
+    """The same update with multi-tensor ops (params share one device and dtype)."""
+    grads = [p.grad for p in params]
+    if group["lars_exclude"]:
+        d = grads
+    else:
+        if group["weight_decay"] != 0:
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        else:
+            d = grads
+        q = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d)),
+                         group["eta"])
+        d = torch._foreach_mul(d, list(q.unbind()))
+    torch._foreach_mul_(mus, group["momentum"])
+    torch._foreach_add_(mus, d)
+    torch._foreach_add_(params, mus, alpha=-group["lr"])
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> List[dict]:

@@ -14,12 +14,13 @@ def _norm(values):
     return math.sqrt(sum(v * v for v in values))
 
 
-def test_lars_two_steps_match_hand_computation():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_two_steps_match_hand_computation(foreach):
     lr, wd, mom, eta = 0.5, 0.1, 0.9, 0.01
     w0 = [3.0, 0.0, 0.0, 4.0]  # ||w0|| = 5
     grads = [[1.0, -2.0, 0.5, 2.0], [-0.5, 1.0, 1.5, 0.25]]
     p = nn.Parameter(torch.tensor(w0, dtype=torch.float64).view(2, 2))
-    opt = LARS([p], lr=lr, weight_decay=wd, momentum=mom, eta=eta)
+    opt = LARS([p], lr=lr, weight_decay=wd, momentum=mom, eta=eta, foreach=foreach)
 
     # by hand, in plain Python floats
     w, mu = list(w0), [0.0] * 4
@@ -35,10 +36,12 @@ def test_lars_two_steps_match_hand_computation():
     assert_close(opt.state[p]["mu"].flatten(), torch.tensor(mu, dtype=torch.float64), rtol=1e-12, name="mu")
 
 
-def test_lars_excluded_group_gets_no_decay_and_no_adaptation():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_excluded_group_gets_no_decay_and_no_adaptation(foreach):
     lr, mom = 0.1, 0.9
     b = nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
-    opt = LARS([{"params": [b], "lars_exclude": True, "weight_decay": 0.5}], lr=lr, momentum=mom)
+    opt = LARS([{"params": [b], "lars_exclude": True, "weight_decay": 0.5}], lr=lr, momentum=mom,
+               foreach=foreach)
     g1, g2 = torch.tensor([0.1, 0.2, -0.3]), torch.tensor([1.0, 0.0, 2.0])
     b.grad = g1.clone()
     opt.step()
@@ -49,19 +52,43 @@ def test_lars_excluded_group_gets_no_decay_and_no_adaptation():
     assert_close(b.detach(), expected, rtol=1e-6, name="step 2")
 
 
-def test_lars_zero_weight_or_zero_update_uses_ratio_one():
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lars_zero_weight_or_zero_update_uses_ratio_one(foreach):
     p = nn.Parameter(torch.zeros(2, 3))
-    opt = LARS([p], lr=0.1, weight_decay=1e-6)
+    opt = LARS([p], lr=0.1, weight_decay=1e-6, foreach=foreach)
     g = torch.randn(2, 3)
     p.grad = g.clone()
     opt.step()  # ||p|| = 0: trust ratio 1, plain momentum step
     assert_close(p.detach(), -0.1 * g, rtol=1e-6, name="zero weight")
     q = nn.Parameter(torch.randn(2, 3))
     q0 = q.detach().clone()
-    opt2 = LARS([q], lr=0.1, weight_decay=0.0)
+    opt2 = LARS([q], lr=0.1, weight_decay=0.0, foreach=foreach)
     q.grad = torch.zeros(2, 3)
     opt2.step()  # ||update|| = 0: no NaN, no change
     assert torch.equal(q.detach(), q0)
+
+
+def test_lars_multi_tensor_path_matches_loop():
+    # several shapes, two dtypes in one group (bucketed), an excluded group, a param without grad
+    torch.manual_seed(0)
+    shapes = [(4, 3), (5,), (2, 3, 3, 3), (7,), (1, 1)]
+    runs = []
+    for foreach in (False, True):
+        torch.manual_seed(1)
+        weights = [nn.Parameter(torch.randn(s, dtype=torch.float64 if i == 2 else torch.float32))
+                   for i, s in enumerate(shapes)]
+        no_grad = nn.Parameter(torch.randn(3, 3))
+        groups = [{"params": [w for w in weights if w.ndim > 1] + [no_grad], "weight_decay": 1e-2},
+                  {"params": [w for w in weights if w.ndim == 1], "weight_decay": 0.0,
+                   "lars_exclude": True, "lr": 0.05}]
+        opt = LARS(groups, lr=0.7, eta=0.02, foreach=foreach)
+        for _ in range(3):
+            for w in weights:
+                w.grad = torch.randn_like(w)
+            opt.step()
+        runs.append([w.detach().clone() for w in weights] + [no_grad.detach().clone()])
+    for k, (a, b) in enumerate(zip(*runs)):
+        assert_close(b, a, rtol=1e-6, atol=1e-7, name=f"param {k}")
 
 
 def test_lars_skips_params_without_grad_and_reduces_a_loss():

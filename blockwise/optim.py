@@ -126,19 +126,20 @@ def param_groups(module: nn.Module, weight_decay: float) -> List[dict]:
     return groups
 
 
-def _lars(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return LARS(params, lr=lr, weight_decay=weight_decay)
+def _lars(params, lr: float, weight_decay: float, **options) -> torch.optim.Optimizer:
+    return LARS(params, lr=lr, weight_decay=weight_decay, **options)
 
 
-def _sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+def _sgd(params, lr: float, weight_decay: float, **options) -> torch.optim.Optimizer:
+    options.setdefault("momentum", 0.9)
+    return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, **options)
 
 
-def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+def _adamw(params, lr: float, weight_decay: float, **options) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **options)
 
 
-#: optimiser name -> fn(params or param groups, lr, weight_decay) -> Optimizer
+#: optimiser name -> fn(params or param groups, lr, weight_decay, **options) -> Optimizer
 OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
     "lars": _lars,
     "sgd": _sgd,
@@ -147,11 +148,13 @@ OPTIMIZERS: Dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def build_optimizer(name: str, module_or_params: Union[nn.Module, Iterable], lr: float,
-                    weight_decay: float) -> torch.optim.Optimizer:
+                    weight_decay: float, **options) -> torch.optim.Optimizer:
     """An optimiser from ``OPTIMIZERS``.
 
     Given a module, its parameters are split by :func:`param_groups` (biases and norms get no
     weight decay, and no LARS adaptation); given parameters or groups, they are used as they are.
+    ``options`` go to the optimiser's constructor (e.g. ``eta=0.001`` for LARS; SGD's momentum
+    defaults to 0.9).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(sorted(OPTIMIZERS))}")
@@ -161,7 +164,7 @@ def build_optimizer(name: str, module_or_params: Union[nn.Module, Iterable], lr:
         params = list(module_or_params)
     if not params:
         raise ValueError(f"build_optimizer({name!r}): no parameters to optimise")
-    return OPTIMIZERS[name](params, lr, weight_decay)
+    return OPTIMIZERS[name](params, lr, weight_decay, **options)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float,

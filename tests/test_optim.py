@@ -138,6 +138,12 @@ def test_build_optimizer(name, cls):
     # explicit parameters are used as they are
     opt2 = build_optimizer(name, model.parameters(), lr=0.1, weight_decay=0.0)
     assert len(opt2.param_groups) == 1
+    if name == "lars":
+        assert opt2.param_groups[0]["eta"] == 0.001
+        opt3 = build_optimizer(name, model, lr=0.1, weight_decay=0.0, eta=0.02)
+        assert all(g["eta"] == 0.02 for g in opt3.param_groups)
+    if name == "sgd":
+        assert opt2.param_groups[0]["momentum"] == 0.9
 
 
 def test_build_optimizer_bad_name_lists_valid():

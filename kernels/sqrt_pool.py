@@ -5,11 +5,57 @@ Backward: dx[n, c, h, w] = sum_{windows w containing (h, w)} dy_w * x[n, c, h, w
           and 0 where y_w == 0 (an all-zero window with eps == 0): never NaN or inf.
 
 Padding adds zeros. With eps = 0 and padding = 0 this equals ``F.lp_pool2d(x, 2, k, s)``.
+
+Design
+------
+The op is a pure memory-bound stencil, so the kernels are built around moving each byte once:
+
+* forward, one read of x and one write of y: each program owns a 3-D tile of *outputs*
+  [channels, rows, cols] and loops over the k x k window offsets (squares summed in fp32, or
+  fp64 for fp64 inputs; the output is cast to the input dtype on store). Overlapping windows
+  (k > s) re-read a few rows at tile edges; those hits come from L1/L2, not DRAM.
+* backward, one read of x, y, dy and one write of dx: each program owns a tile of *inputs* and
+  gathers, for every input, the at most ceil(k/s)^2 windows covering it. No atomics, no
+  zeroed buffer, no intermediate: dx is written exactly once. y is the op's output, which the
+  caller holds anyway, so saving it for backward costs no memory; recomputing it would re-read
+  k^2 neighbours per window for nothing (the y read is 1/s^2 of the x read).
+* one kernel serves NCHW and channels_last, with two tilings (a constexpr picks one):
+  - "3d": tile [channels, rows, cols] with strides as arguments. The channel axis is "planes"
+    (N*C for NCHW, n = 0) or C (channels_last, n from the program id). Triton specializes a
+    stride equal to 1, so the compiler sees the contiguous axis (c for channels_last) and
+    vectorizes along it. (oh, ow) come straight from the aranges: no division per element.
+  - "flat" (NCHW only): tile [planes, flattened pixels]. NCHW rows are W long, and W (56, 28,
+    14, 7 here) is rarely a multiple of 16, so a 3-d tile cannot prove 16-byte alignment and
+    falls back to 2-byte accesses; a flattened plane of H*W pixels (3136, 784) can. Row and
+    column come from an fp32 reciprocal that is exact below 2^21 pixels per plane
+    (_flat_row_col), not from an integer division.
+  The backward's window index is a division by the constexpr stride (a shift for s = 2). On
+  CUDA the launcher times the candidate tilings once per shape and keeps the fastest.
+* a window covering the whole map (``kernel_size=None``, the global pooling of a block head,
+  or k = (H, W) without padding) is a reduction over H*W per (n, c): it gets its own kernels,
+  a chunked row reduction forward and an elementwise scale backward, instead of a k^2-unrolled
+  stencil.
+
+Floor: bytes moved (forward: x read + y written; backward: x, y, dy read + dx written) over the
+device's measured copy rate; the flops are negligible. docs/performance.md holds the figures.
+
+Autotune hazard: on CUDA, a large problem times a few tile configurations once per shape (see
+``_launch``) by launching each on the real output buffers. That is safe because every launch
+overwrites all of its output and accumulates nothing, so nothing needs zeroing in between.
 """
 from __future__ import annotations
 
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._runtime import check_float, check_triton_device
 
 
 def _pair(v, name: str):
@@ -42,3 +88,622 @@ def sqrt_pool2d_ref(x: torch.Tensor, kernel_size=None, stride=None, padding=0, e
     # where() on both sides keeps d sqrt / d sq finite: all-zero windows get gradient 0
     y = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
     return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _tile_ids(TILES_C, TILES_H, TILES_W):
+    """Program id -> (n, channel tile, row tile, col tile), col tile fastest."""
+    pid = tl.program_id(0)
+    tw = pid % TILES_W
+    t = pid // TILES_W
+    th = t % TILES_H
+    t = t // TILES_H
+    tc = t % TILES_C
+    n = t // TILES_C
+    return n, tc, th, tw
+
+
+@triton.jit
+def _cast_for_store(v, dst_ptr, RTNE_BF16: tl.constexpr):
+    """v (fp32/fp64) in the dtype of dst_ptr.
+
+    RTNE_BF16 is set only under Triton's interpreter for bf16 outputs: the interpreter truncates
+    fp32 -> bf16 where compiled Triton rounds to nearest even, which would double the rounding
+    error that CPU-only CI sees. Rounding the fp32 bits first makes the truncation exact.
+    """
+    if RTNE_BF16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dst_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _flat_row_col(q, INV_COLS, COLS):
+    """(q // COLS, q % COLS) for 0 <= q < 2**21 without an integer division.
+
+    (q + 0.5) / COLS lies at least 0.5 / COLS away from an integer; fp32's relative error here
+    (< 2**-22) stays below that while q < 2**21 (the launcher guarantees it), so truncation is
+    exact (tests/test_sqrt_pool.py checks every q for a range of COLS).
+    """
+    row = ((q.to(tl.float32) + 0.5) * INV_COLS).to(tl.int32)
+    return row, q - row * COLS
+
+
+@triton.jit
+def _sqrt_pool_fwd_kernel(
+    x_ptr,  # input: element (n, c, h, w) at n*sxn + c*sxc + h*sxh + w*sxw
+    y_ptr,  # output, written once: (n, c, oh, ow) at n*syn + c*syc + oh*syh + ow*syw
+    PLANES, H, W, OH, OW,  # PLANES: extent of the tile's channel axis (N*C NCHW, C channels_last)
+    PH, PW,  # zero padding before row 0 / col 0
+    sxn, sxc, sxh, sxw,  # strides of x, in elements
+    syn, syc, syh, syw,  # strides of y, in elements
+    eps,  # added to every window's sum of squares (fp32 scalar)
+    INV_OW,  # 1 / OW in fp32 (FLAT only)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    FLAT: tl.constexpr,  # NCHW only: tile [planes, BLOCK_W flattened output pixels]
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    if FLAT:
+        # NCHW with n folded into the planes (sxn, syn unused); syc = OH*OW
+        pid = tl.program_id(0)
+        tiles_q = tl.cdiv(syc, BLOCK_W)
+        tc = pid // tiles_q
+        c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
+        q = ((pid % tiles_q) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+        oh, ow = _flat_row_col(q, INV_OW, OW)
+        out_mask = (c < PLANES) & (q < syc)
+        x_base = x_ptr + c.to(tl.int64) * sxc
+        y_off = c.to(tl.int64) * syc + q  # contiguous along q: vectorized stores
+    else:
+        n, tc, th, tw = _tile_ids(tl.cdiv(PLANES, BLOCK_C), tl.cdiv(OH, BLOCK_H),
+                                  tl.cdiv(OW, BLOCK_W))
+        c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+        oh = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+        ow = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+        out_mask = (c < PLANES) & (oh < OH) & (ow < OW)
+        # 64-bit only for the (n, c) base: spatial offsets stay 32-bit
+        x_base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+        y_off = n.to(tl.int64) * syn + c.to(tl.int64) * syc + oh * syh + ow * syw
+    h0 = oh * SH - PH
+    w0 = ow * SW - PW
+    acc = tl.zeros(out_mask.shape, dtype=ACC)
+    for kh in range(KH):
+        h = h0 + kh
+        row_ok = out_mask & (h >= 0) & (h < H)
+        for kw in tl.static_range(KW):
+            w = w0 + kw
+            m = row_ok & (w >= 0) & (w < W)  # padding reads as zero
+            v = tl.load(x_base + h * sxh + w * sxw, mask=m, other=0.0).to(ACC)
+            acc += v * v
+    y = tl.sqrt(acc + eps)  # acc + eps >= 0 (eps >= 0 is checked by the launcher)
+    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16), mask=out_mask)
+
+
+@triton.jit
+def _sqrt_pool_bwd_kernel(
+    x_ptr,  # input of the forward, same layout as dx
+    y_ptr,  # output of the forward (saved), layout of dy
+    dy_ptr,  # upstream gradient, shape and layout of y
+    dx_ptr,  # gradient of x, written once
+    PLANES, H, W, OH, OW,  # as in the forward
+    PH, PW,  # zero padding before row 0 / col 0
+    sxn, sxc, sxh, sxw,  # strides of x and dx
+    syn, syc, syh, syw,  # strides of y and dy
+    INV_W,  # 1 / W in fp32 (FLAT only)
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    NH: tl.constexpr, NW: tl.constexpr,  # ceil(KH / SH), ceil(KW / SW): windows per input and axis
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    FLAT: tl.constexpr,  # NCHW only: tile [planes, BLOCK_W flattened input pixels]
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    if FLAT:
+        # NCHW with n folded into the planes (sxn, syn unused); sxc = H*W
+        pid = tl.program_id(0)
+        tiles_p = tl.cdiv(sxc, BLOCK_W)
+        tc = pid // tiles_p
+        c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
+        p = ((pid % tiles_p) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+        h, w = _flat_row_col(p, INV_W, W)
+        in_mask = (c < PLANES) & (p < sxc)
+        x_off = c.to(tl.int64) * sxc + p  # contiguous along p: vectorized loads and stores
+        y_base = c.to(tl.int64) * syc
+    else:
+        n, tc, th, tw = _tile_ids(tl.cdiv(PLANES, BLOCK_C), tl.cdiv(H, BLOCK_H),
+                                  tl.cdiv(W, BLOCK_W))
+        c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+        h = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+        w = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+        in_mask = (c < PLANES) & (h < H) & (w < W)
+        x_off = n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + h * sxh + w * sxw
+        y_base = n.to(tl.int64) * syn + c.to(tl.int64) * syc
+    xv = tl.load(x_ptr + x_off, mask=in_mask, other=0.0).to(ACC)
+    # position in the padded map, >= 0, so // and % by the constexpr stride are exact and cheap
+    hp = h + PH
+    wp = w + PW
+    g = tl.zeros(in_mask.shape, dtype=ACC)
+    for i in tl.static_range(NH):
+        oh = hp // SH - i  # the i-th window (from the last) whose rows may cover h
+        ok_h = in_mask & (oh >= 0) & (oh < OH) & (hp - oh * SH < KH)
+        for j in tl.static_range(NW):
+            ow = wp // SW - j
+            ok = ok_h & (ow >= 0) & (ow < OW) & (wp - ow * SW < KW)
+            off = y_base + oh * syh + ow * syw
+            yv = tl.load(y_ptr + off, mask=ok, other=0.0).to(ACC)
+            dyv = tl.load(dy_ptr + off, mask=ok, other=0.0).to(ACC)
+            # y == 0 only for an all-zero window with eps == 0: its gradient is 0, never NaN
+            pos = yv > 0
+            g += tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
+    tl.store(dx_ptr + x_off, _cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=in_mask)
+
+
+@triton.jit
+def _sqrt_pool_global_fwd_kernel(
+    x_ptr,  # input: element (n, c, p) at n*sxn + c*sxc + p*sxp, p = h*W + w
+    y_ptr,  # output N x C x 1 x 1: (n, c) at n*syn + c*syc
+    PLANES, HW,  # channel-axis extent (N*C NCHW, C channels_last); pixels per map
+    sxn, sxc, sxp,  # strides of x; sxp is the stride of the flattened pixel index
+    syn, syc,  # strides of y
+    eps,  # added to every sum of squares (fp32 scalar)
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(PLANES, BLOCK_C)
+    tc = pid % tiles_c
+    n = pid // tiles_c
+    cc = tc * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = cc[:, None]
+    base = x_ptr + n.to(tl.int64) * sxn + c.to(tl.int64) * sxc
+    acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
+    for p0 in range(0, HW, BLOCK_P):
+        p = (p0 + tl.arange(0, BLOCK_P))[None, :]
+        v = tl.load(base + p * sxp, mask=(c < PLANES) & (p < HW), other=0.0).to(ACC)
+        acc += v * v
+    y = tl.sqrt(tl.sum(acc, axis=1) + eps)
+    y_off = n.to(tl.int64) * syn + cc.to(tl.int64) * syc
+    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16), mask=cc < PLANES)
+
+
+@triton.jit
+def _sqrt_pool_global_bwd_kernel(
+    x_ptr,  # input of the forward, same layout as dx
+    y_ptr,  # output of the forward (saved), N x C x 1 x 1
+    dy_ptr,  # upstream gradient, layout of y
+    dx_ptr,  # gradient of x, written once
+    PLANES, HW,  # as in the forward
+    sxn, sxc, sxp,  # strides of x and dx
+    syn, syc,  # strides of y and dy
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    n, tc, _unused, tp = _tile_ids(tl.cdiv(PLANES, BLOCK_C), 1, tl.cdiv(HW, BLOCK_P))
+    c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None]
+    p = (tp * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
+    cm = c < PLANES
+    y_off = n.to(tl.int64) * syn + c.to(tl.int64) * syc
+    yv = tl.load(y_ptr + y_off, mask=cm, other=0.0).to(ACC)
+    dyv = tl.load(dy_ptr + y_off, mask=cm, other=0.0).to(ACC)
+    pos = yv > 0
+    g = tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)  # 0 for an all-zero map, never NaN
+    m = cm & (p < HW)
+    x_off = n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + p * sxp
+    xv = tl.load(x_ptr + x_off, mask=m, other=0.0).to(ACC)
+    tl.store(dx_ptr + x_off, _cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry and validation
+
+_OP = "sqrt_pool2d"
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Validated arguments that do not depend on x; kernel is None for global pooling."""
+
+    kernel: Optional[Tuple[int, int]]
+    stride: Optional[Tuple[int, int]]
+    padding: Tuple[int, int]
+    eps: float
+    ceil_mode: bool
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Window geometry resolved against an input of H x W pixels."""
+
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    oh: int
+    ow: int
+    eps: float
+    whole: bool  # one window covers the whole unpadded map: the reduction kernels
+
+
+def _check_params(kernel_size, stride, padding, eps, ceil_mode) -> _Params:
+    if not isinstance(ceil_mode, bool):
+        raise TypeError(f"{_OP}: ceil_mode must be a bool, got {ceil_mode!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{_OP}: eps must be a float >= 0, got {eps!r}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+    p = _pair(padding, "padding")
+    if kernel_size is None:
+        if stride is not None or p != (0, 0):
+            raise ValueError(
+                f"{_OP}: kernel_size=None pools the whole map, so stride and padding do not "
+                f"apply; pass stride=None and padding=0 (got stride={stride!r}, "
+                f"padding={padding!r})")
+        return _Params(None, None, (0, 0), eps, ceil_mode)
+    k = _pair(kernel_size, "kernel_size")
+    s = k if stride is None else _pair(stride, "stride")
+    if min(k) < 1:
+        raise ValueError(f"{_OP}: kernel_size must be >= 1 (or None for global pooling), got "
+                         f"{kernel_size!r}")
+    if min(s) < 1:
+        raise ValueError(f"{_OP}: stride must be >= 1 (or None for stride = kernel_size), got "
+                         f"{stride!r}")
+    if min(p) < 0:
+        raise ValueError(f"{_OP}: padding must be >= 0, got {padding!r}")
+    if 2 * p[0] > k[0] or 2 * p[1] > k[1]:
+        raise ValueError(f"{_OP}: padding must be at most half the window (2 * padding <= "
+                         f"kernel_size per axis), got padding={p} for kernel_size={k}")
+    return _Params(k, s, p, eps, ceil_mode)
+
+
+def _out_size(n: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    """PyTorch's pooling output size (the last window must start inside the input or left pad)."""
+    out = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+    if ceil_mode and (out - 1) * s >= n + p:
+        out -= 1
+    return out
+
+
+def _check_input(x) -> None:
+    check_float(_OP, "x", x)
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be 4-D (N x C x H x W), got shape {tuple(x.shape)}")
+    check_triton_device(_OP, x)
+
+
+def _geometry(x: torch.Tensor, prm: _Params) -> _Geometry:
+    _, _, H, W = x.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"{_OP}: the spatial size must be at least 1 x 1, got {H} x {W}")
+    if prm.kernel is None:
+        return _Geometry(H, W, H, W, 0, 0, 1, 1, prm.eps, True)
+    (kh, kw), (sh, sw), (ph, pw) = prm.kernel, prm.stride, prm.padding
+    if kh > H + 2 * ph or kw > W + 2 * pw:
+        raise ValueError(
+            f"{_OP}: the window {kh} x {kw} is larger than the padded input "
+            f"{H + 2 * ph} x {W + 2 * pw} (H x W = {H} x {W}, padding {ph}, {pw}); valid: "
+            f"kernel_size <= input size + 2 * padding per axis")
+    oh = _out_size(H, kh, sh, ph, prm.ceil_mode)
+    ow = _out_size(W, kw, sw, pw, prm.ceil_mode)
+    whole = (kh, kw, ph, pw) == (H, W, 0, 0)
+    return _Geometry(kh, kw, sh, sw, ph, pw, oh, ow, prm.eps, whole)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _dense(x: torch.Tensor) -> Tuple[torch.Tensor, torch.memory_format]:
+    """x as NCHW- or channels_last-contiguous (copying only when it is neither), and which."""
+    if x.is_contiguous():
+        return x, torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, torch.channels_last
+    return x.contiguous(), torch.contiguous_format
+
+
+def _strides(N: int, C: int, H: int, W: int, cl: bool) -> Tuple[int, int, int, int, int, int]:
+    """(NB, PLANES, sn, sc, sh, sw) of a dense tensor, computed from its shape.
+
+    Computed rather than read from .stride(): a dense tensor may carry arbitrary strides on
+    size-1 dimensions. NCHW folds (n, c) into one channel axis of N*C planes (n stays 0).
+    """
+    if cl:
+        return N, C, H * W * C, 1, W * C, C
+    return 1, N * C, 0, H * W, W, 1
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _fit(n: int, cap: int) -> int:
+    """Largest power of two <= cap (and <= next_pow2(n)) whose tiles pad n by at most 15%."""
+    best, b = 1, 2
+    while b <= min(cap, _next_pow2(n)):
+        if -(-n // b) * b <= 1.15 * n:
+            best = b
+        b *= 2
+    return best
+
+
+def _tile_3d(planes: int, rows: int, cols: int, tile: int, cl: bool) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_H, BLOCK_W) holding about ``tile`` elements."""
+    if cl:  # channels are the contiguous axis: a wide channel block, pixels fill the rest
+        bc = min(_next_pow2(planes), 64)
+        rest = max(1, tile // bc)
+        bw = _fit(cols, rest)
+        bh = _fit(rows, max(1, rest // bw))
+    else:  # whole rows (the contiguous axis) when they fit, then rows, then planes
+        bw = min(_next_pow2(cols), 64)
+        bh = _fit(rows, max(1, tile // bw))
+        bc = min(_next_pow2(planes), max(1, tile // (bh * bw)))
+    return bc, bh, bw
+
+
+def _tile_flat(planes: int, plane: int, tile: int) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for a tile of whole planes' flattened pixels (FLAT and global NCHW)."""
+    bp = _fit(plane, tile)
+    if bp < 32:  # tiny maps: one masked block per plane beats short scattered rows
+        bp = min(_next_pow2(plane), tile)
+    return min(_next_pow2(planes), max(1, tile // bp)), bp
+
+
+def _tile_2d(planes: int, hw: int, tile: int, cl: bool) -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) for the global kernels."""
+    if cl:
+        bc = min(_next_pow2(planes), 64)
+        return bc, min(_next_pow2(hw), max(1, tile // bc))
+    if _next_pow2(hw) <= 1024:  # the whole map in one block: no loop
+        return min(_next_pow2(planes), max(1, tile // _next_pow2(hw))), _next_pow2(hw)
+    return _tile_flat(planes, hw, min(tile, 1024))
+
+
+# Candidate launch configurations: (variant, elements per program, num_warps). The first is the
+# default, used for small problems, under the interpreter and during CUDA graph capture; on CUDA
+# a large problem times them all once per shape (_launch). "flat" (NCHW only) tiles
+# [planes, flattened pixels]: the pixel axis is contiguous and, with H*W a multiple of 16,
+# aligned, so loads and stores vectorize; "3d" tiles [channels, rows, cols] and serves both
+# layouts (for NCHW its rows start at multiples of W, which is rarely 16-aligned).
+_FWD_NCHW = (("flat", 1024, 4), ("3d", 1024, 4), ("flat", 2048, 4), ("3d", 2048, 8))
+_BWD_NCHW = (("flat", 2048, 4), ("3d", 2048, 4), ("flat", 4096, 8), ("flat", 1024, 4))
+_FWD_CL = (("3d", 1024, 4), ("3d", 2048, 4), ("3d", 4096, 8))
+_BWD_CL = (("3d", 2048, 4), ("3d", 4096, 8), ("3d", 1024, 4))
+_GLOBAL = (("2d", 2048, 4), ("2d", 4096, 8), ("2d", 1024, 4))
+_FLAT_MAX = 1 << 21  # _flat_row_col is exact below this many pixels per plane
+_TUNE_MIN_NUMEL = 1 << 22  # below ~4M inputs a launch takes microseconds: not worth timing
+_TUNED: Dict[tuple, tuple] = {}
+
+
+def _time_ms(launch: Callable[[], None], reps: int = 3) -> float:
+    launch()  # compile and warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        launch()
+    end.record()
+    end.synchronize()  # host-device sync: only on the first call for a shape
+    return start.elapsed_time(end) / reps
+
+
+def _launch(key: tuple, candidates: Sequence[tuple], launch: Callable[[tuple], None],
+            x: torch.Tensor) -> None:
+    """Run ``launch(candidate)``: the default, or on CUDA for a large problem the fastest one.
+
+    The choice is timed once per key (dtype, layout, shape, window, kind) on the real buffers;
+    see the module docstring for why that is safe. No memory is allocated for it.
+    """
+    if (len(candidates) == 1 or x.device.type != "cuda" or x.numel() < _TUNE_MIN_NUMEL
+            or torch.cuda.is_current_stream_capturing()):
+        launch(candidates[0])
+        return
+    best = _TUNED.get(key)
+    if best is None:
+        times = [_time_ms(lambda c=c: launch(c)) for c in candidates]
+        best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        _TUNED[key] = best
+    launch(best)
+
+
+def _device_ctx(x: torch.Tensor):
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _acc_dtype(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _check_out(out: Optional[torch.Tensor], shape, like: torch.Tensor, fmt, name: str):
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape) or \
+            out.dtype != like.dtype or out.device != like.device or \
+            not out.is_contiguous(memory_format=fmt):
+        raise ValueError(
+            f"{_OP}: {name} must be a {tuple(shape)} {like.dtype} tensor on {like.device}, "
+            f"contiguous in {fmt}, got "
+            + (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+               if isinstance(out, torch.Tensor) else type(out).__name__))
+    return out
+
+
+def _stencil_grid(cand: tuple, nb: int, planes: int, rows: int, cols: int, cl: bool):
+    """(grid, BLOCK_C, BLOCK_H, BLOCK_W, FLAT) of a stencil launch over rows x cols positions."""
+    variant, tile, _ = cand
+    if variant == "flat":
+        if cl or rows * cols >= _FLAT_MAX:
+            raise ValueError(f"{_OP}: the flat tiling needs NCHW and < {_FLAT_MAX} pixels per map")
+        bc, bp = _tile_flat(planes, rows * cols, tile)
+        return (triton.cdiv(planes, bc) * triton.cdiv(rows * cols, bp),), bc, 1, bp, True
+    bc, bh, bw = _tile_3d(planes, rows, cols, tile, cl)
+    grid = (nb * triton.cdiv(planes, bc) * triton.cdiv(rows, bh) * triton.cdiv(cols, bw),)
+    return grid, bc, bh, bw, False
+
+
+def _fwd(x: torch.Tensor, g: _Geometry, out: Optional[torch.Tensor] = None,
+         candidates: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    x, fmt = _dense(x)
+    cl = fmt is torch.channels_last
+    N, C, H, W = x.shape
+    y = _check_out(out, (N, C, g.oh, g.ow), x, fmt, "out")
+    if y.numel() == 0:
+        return y
+    nb, planes, sxn, sxc, sxh, sxw = _strides(N, C, H, W, cl)
+    _, _, syn, syc, syh, syw = _strides(N, C, g.oh, g.ow, cl)
+    acc = _acc_dtype(x)
+    rtne = x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter
+    if g.whole:
+        def launch(cand):
+            bc, bp = _tile_2d(planes, H * W, cand[1], cl)
+            _sqrt_pool_global_fwd_kernel[(nb * triton.cdiv(planes, bc),)](
+                x, y, planes, H * W, sxn, sxc, sxw, syn, syc, g.eps,
+                ACC=acc, RTNE_BF16=rtne, BLOCK_C=bc, BLOCK_P=bp, num_warps=cand[2])
+        default = _GLOBAL
+    else:
+        def launch(cand):
+            grid, bc, bh, bw, flat = _stencil_grid(cand, nb, planes, g.oh, g.ow, cl)
+            _sqrt_pool_fwd_kernel[grid](
+                x, y, planes, H, W, g.oh, g.ow, g.ph, g.pw, sxn, sxc, sxh, sxw,
+                syn, syc, syh, syw, g.eps, 1.0 / g.ow, KH=g.kh, KW=g.kw, SH=g.sh, SW=g.sw,
+                ACC=acc, RTNE_BF16=rtne, FLAT=flat, BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw,
+                num_warps=cand[2])
+        default = _FWD_CL if cl or g.oh * g.ow >= _FLAT_MAX else _FWD_NCHW
+    key = ("fwd", x.device, x.dtype, cl, tuple(x.shape), g)
+    with _device_ctx(x):
+        _launch(key, candidates or default, launch, x)
+    return y
+
+
+def _bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, g: _Geometry,
+         out: Optional[torch.Tensor] = None,
+         candidates: Optional[Sequence[tuple]] = None) -> torch.Tensor:
+    x, fmt = _dense(x)
+    cl = fmt is torch.channels_last
+    N, C, H, W = x.shape
+    y_shape = (N, C, g.oh, g.ow)
+    for name, t in (("y", y), ("dy", dy)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != y_shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{_OP}: {name} must have the output shape {y_shape}, got {got}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{_OP}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check_triton_device(_OP, x, y, dy)
+    # y and dy in x's layout: no copy for the forward's own y and an ordinary dy; an expanded dy
+    # (e.g. from .sum()) becomes a y-sized dense copy, small next to x
+    y = y.contiguous(memory_format=fmt)
+    dy = dy.contiguous(memory_format=fmt)
+    dx = _check_out(out, (N, C, H, W), x, fmt, "out")
+    if dx.numel() == 0:
+        return dx
+    nb, planes, sxn, sxc, sxh, sxw = _strides(N, C, H, W, cl)
+    _, _, syn, syc, syh, syw = _strides(N, C, g.oh, g.ow, cl)
+    acc = _acc_dtype(x)
+    rtne = x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter
+    if g.whole:
+        def launch(cand):
+            bc, bp = _tile_2d(planes, H * W, cand[1], cl)
+            grid = (nb * triton.cdiv(planes, bc) * triton.cdiv(H * W, bp),)
+            _sqrt_pool_global_bwd_kernel[grid](
+                x, y, dy, dx, planes, H * W, sxn, sxc, sxw, syn, syc,
+                ACC=acc, RTNE_BF16=rtne, BLOCK_C=bc, BLOCK_P=bp, num_warps=cand[2])
+        default = _GLOBAL
+    else:
+        def launch(cand):
+            grid, bc, bh, bw, flat = _stencil_grid(cand, nb, planes, H, W, cl)
+            _sqrt_pool_bwd_kernel[grid](
+                x, y, dy, dx, planes, H, W, g.oh, g.ow, g.ph, g.pw, sxn, sxc, sxh, sxw,
+                syn, syc, syh, syw, 1.0 / W, KH=g.kh, KW=g.kw, SH=g.sh, SW=g.sw,
+                NH=-(-g.kh // g.sh), NW=-(-g.kw // g.sw), ACC=acc, RTNE_BF16=rtne, FLAT=flat,
+                BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, num_warps=cand[2])
+        default = _BWD_CL if cl or H * W >= _FLAT_MAX else _BWD_NCHW
+    key = ("bwd", x.device, x.dtype, cl, tuple(x.shape), g)
+    with _device_ctx(x):
+        _launch(key, candidates or default, launch, x)
+    return dx
+
+
+def sqrt_pool2d_fwd(x: torch.Tensor, kernel_size=None, stride=None, padding=0, eps: float = 0.0,
+                    ceil_mode: bool = False, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Forward launcher: y (N x C x OH x OW, x's dtype and memory format).
+
+    ``out``, if given, must be a dense tensor of y's shape, dtype and memory format; every
+    element is written.
+    """
+    prm = _check_params(kernel_size, stride, padding, eps, ceil_mode)
+    _check_input(x)
+    return _fwd(x, _geometry(x, prm), out)
+
+
+def sqrt_pool2d_bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, kernel_size=None,
+                    stride=None, padding=0, eps: float = 0.0, ceil_mode: bool = False, *,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Backward launcher: dx from the forward's input x, its output y and the gradient dy."""
+    prm = _check_params(kernel_size, stride, padding, eps, ceil_mode)
+    _check_input(x)
+    return _bwd(x, y, dy, _geometry(x, prm), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd and modules
+
+
+class _SqrtPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, geometry):
+        y = _fwd(x, geometry)
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, y)  # y is the output: saving it costs no memory
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, y = ctx.saved_tensors
+        return _bwd(x, y, dy, ctx.geometry), None
+
+
+def sqrt_pool2d(x: torch.Tensor, kernel_size=None, stride=None, padding=0, eps: float = 0.0,
+                ceil_mode: bool = False) -> torch.Tensor:
+    """Square-root pooling y = sqrt(sum_window x^2 + eps), Triton forward and backward.
+
+    kernel_size, stride, padding: int or (h, w); stride defaults to kernel_size; padding adds
+    zeros, at most half the window. ``kernel_size=None`` pools the whole map (N x C x 1 x 1).
+    fp32/bf16/fp16/fp64, NCHW or channels_last (the output keeps the input's format).
+    Equals ``F.lp_pool2d(x, 2, kernel_size, stride)`` when eps = 0 and padding = 0, except that
+    an all-zero window gets gradient 0 instead of NaN.
+    """
+    prm = _check_params(kernel_size, stride, padding, eps, ceil_mode)
+    _check_input(x)
+    return _SqrtPool2dFunction.apply(x, _geometry(x, prm))
+
+
+class SqrtPool2d(torch.nn.Module):
+    """Module form of :func:`sqrt_pool2d` (no parameters); arguments are checked at construction."""
+
+    def __init__(self, kernel_size=None, stride=None, padding=0, eps: float = 0.0,
+                 ceil_mode: bool = False):
+        super().__init__()
+        _check_params(kernel_size, stride, padding, eps, ceil_mode)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.padding = padding
+        self.eps = eps
+        self.ceil_mode = ceil_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sqrt_pool2d(x, self.kernel_size, self.stride, self.padding, self.eps,
+                           self.ceil_mode)
+
+    def extra_repr(self) -> str:
+        return (f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"eps={self.eps}, ceil_mode={self.ceil_mode}")

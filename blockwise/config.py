@@ -1,0 +1,379 @@
+"""Every setting of a run: one dataclass, validated in ``__post_init__``; the CLI is generated from it.
+
+A field left at ``None`` means "resolved from the dataset / device" (see :data:`RECIPES` and each
+field's help). ``Config(**values)`` resolves and validates; the resolved config (concrete values
+only) is what gets printed, saved as ``config.json`` and stored in every checkpoint, so a run can
+be reproduced from its directory alone.
+
+Two recipes:
+- ``paper`` (ImageNet-sized images, > 64 px): ResNet-50, expander 2048, projector 8192-8192-8192,
+  LARS (eta 0.001, momentum 0.9, weight decay 1e-6), base lr 0.2 scaled by batch/256, loss scale
+  0.024, lambda 0.0051, 300 epochs, 10 warmup epochs; linear probe 100 epochs, SGD lr 0.1.
+- ``small`` (<= 64 px, e.g. CIFAR-10): the same, but ResNet-18 with the small stem and no expander
+  (ResNet-18's last block already has 512 channels; an expander to 2048 on a 32x32 map would cost
+  more than the backbone).
+- ``digits`` (the embedded default dataset) keeps the small recipe except what the time budget
+  forces: 16 px images (the digits are 8x8), projector 512-512-512, batch 128, 12 epochs. The
+  default command ``python -m blockwise.train --fused`` then pre-trains and probes in under 5
+  minutes on 2 CPU cores.
+
+Learning rate: one base lr for every parameter group (``lr * global_batch / 256``), as the Barlow
+Twins code the paper forked (its ``--scale-loss 0.024``). With the loss scaled by 0.024 the LARS
+weights are unaffected by the scale (the trust ratio removes it) and the biases / norm parameters
+(excluded from LARS) effectively get lr 0.2 * 0.024 = 0.0048 per unit of unscaled gradient: the
+later official code's ``--learning-rate-biases 0.0048``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, get_type_hints
+
+#: training modes; see blockwise/trainer.py
+MODES = ("e2e", "simultaneous", "sequential")
+#: numeric precision of forward/backward: "auto" = bf16 autocast on CUDA, fp32 on CPU
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cuda", "cpu")
+
+#: the resolved defaults of fields left at None, per recipe (see the module docstring)
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": dict(arch="resnet50", projector="8192-8192-8192", batch_size=256, epochs=300,
+                  loss_scale=0.024),
+    "small": dict(arch="resnet18", projector="8192-8192-8192", batch_size=256, epochs=300,
+                  loss_scale=0.024),
+    "digits": dict(arch="resnet18", projector="512-512-512", batch_size=128, epochs=12,
+                   loss_scale=0.024, image_size=16),
+}
+#: natural image size per dataset (digits: see RECIPES)
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "imagefolder": 224, "synthetic": 224}
+#: default base learning rate (at batch 256) and weight decay per optimizer
+OPTIMIZER_DEFAULTS = {"lars": (0.2, 1e-6), "sgd": (0.05, 1e-5), "adamw": (1e-3, 0.05)}
+SMALL_IMAGE_MAX = 64
+
+
+def _f(default, help: str, **meta):
+    """A dataclass field with its documentation (used for --help)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class Config:
+    """Settings of one pre-training run (+ linear probe). ``None`` = resolved per dataset/device."""
+
+    # ---- what is trained
+    mode: str = _f("simultaneous", "e2e (one head on block 4, one backward through all), "
+                   "simultaneous (all blocks every step, each block's backward and optimizer step "
+                   "before the next block's forward), or sequential (one block after the other, "
+                   "earlier blocks frozen)")
+    arch: Optional[str] = _f(None, "backbone: resnet18 or resnet50 (default: resnet50 for images "
+                             "> 64 px, resnet18 otherwise)")
+    small_stem: Optional[bool] = _f(None, "3x3 stride-1 conv1 and no max-pool (default: on for "
+                                    "images <= 64 px)")
+    expander: Optional[int] = _f(None, "channels of the 1x1 conv + BN + ReLU expander of each head "
+                                 "(0 = none; default: 2048 for resnet50 as the paper, 0 for resnet18)")
+    pool: str = _f("avg", "spatial pooling of each head: avg or sqrt (square-root / L2 pooling)")
+    pool_window: Optional[int] = _f(None, "pooling window k (k x k, stride k, then the mean over "
+                                    "positions); default: global pooling")
+    projector: Optional[str] = _f(None, "projector widths, e.g. 8192-8192-8192 (default: that, "
+                                  "as the paper; 512-512-512 for digits)")
+    noise_std: float = _f(0.0, "noise at block outputs during training: x + std * N(0,1) * std(x) "
+                          "(the paper uses 0.25; 0 = off)")
+    # ---- loss
+    lambd: float = _f(0.0051, "Barlow Twins off-diagonal weight lambda")
+    loss_scale: Optional[float] = _f(None, "Barlow Twins loss scale (default 0.024, the paper's "
+                                     "ImageNet value; see the module docstring)")
+    fused: bool = _f(False, "Triton kernels for the loss and square-root pooling "
+                     "(kernels.barlow_twins_loss / sqrt_pool2d); without CUDA: a warning and the "
+                     "PyTorch references")
+    # ---- data
+    dataset: str = _f("digits", "digits (embedded, default), cifar10, imagefolder, or synthetic")
+    data_dir: Optional[str] = _f(None, "dataset directory (cifar10, imagefolder)")
+    download: bool = _f(False, "download the dataset into --data-dir (cifar10)")
+    image_size: Optional[int] = _f(None, "training image size (default: 16 digits, 32 cifar10, "
+                                   "224 imagefolder / synthetic)")
+    num_classes: int = _f(10, "classes of the synthetic dataset")
+    synthetic_size: int = _f(4096, "images in the synthetic training set")
+    synthetic_augment: bool = _f(False, "full augmentation on synthetic images (default: the image "
+                                 "and its mirror, so the loader never limits a throughput study)")
+    workers: Optional[int] = _f(None, "data-loading worker processes per rank (default: CPU cores "
+                                "- 1, at least 1, at most 16)")
+    # ---- optimisation
+    optimizer: str = _f("lars", "lars, sgd or adamw")
+    lr: Optional[float] = _f(None, "base learning rate at batch 256, scaled by global batch / 256 "
+                             "(default: 0.2 lars, 0.05 sgd, 1e-3 adamw)")
+    weight_decay: Optional[float] = _f(None, "weight decay (biases and norms excluded; default: "
+                                       "1e-6 lars, 1e-5 sgd, 0.05 adamw)")
+    lars_eta: float = _f(0.001, "LARS trust coefficient eta")
+    batch_size: Optional[int] = _f(None, "global batch size (image pairs per step over all ranks; "
+                                   "default 256, digits 128)")
+    epochs: Optional[int] = _f(None, "epochs (per block in sequential mode; default 300, digits 12)")
+    block_epochs: Optional[str] = _f(None, "sequential: epochs per block, e.g. 10,10,20,20 "
+                                     "(overrides --epochs)")
+    steps_per_block: Optional[int] = _f(None, "sequential: train each block this many steps "
+                                        "instead of epochs (profiling)")
+    warmup_epochs: Optional[float] = _f(None, "linear warm-up epochs before the cosine decay "
+                                        "(default: 10 as the paper, at most a tenth of the run)")
+    max_steps: Optional[int] = _f(None, "stop after this many optimisation steps of the whole run "
+                                  "(smoke tests, profiling); the schedule is not shortened")
+    # ---- hardware
+    device: str = _f("auto", "auto (cuda when available), cuda or cpu")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    channels_last: Optional[bool] = _f(None, "channels-last memory format (default: on CUDA)")
+    seed: int = _f(0, "seed of the initialisation, data order and augmentation")
+    # ---- linear probe
+    probe_epochs: Optional[int] = _f(None, "linear-probe epochs on cached features (default 100 "
+                                     "as the paper; 0 = no probe)")
+    probe_lr: float = _f(0.1, "linear-probe SGD learning rate (cosine schedule)")
+    probe_batch_size: int = _f(256, "linear-probe batch size")
+    probe_control: bool = _f(True, "also probe the same architecture at its random initialisation")
+    # ---- run directory, logging
+    out: Optional[str] = _f(None, "run directory (default: runs/<timestamp>)")
+    resume: Optional[str] = _f(None, "continue a run: its directory or checkpoint file; settings "
+                               "come from its config (flags given again must agree, except "
+                               "max_steps, workers, logging, probe and profiling flags)")
+    checkpoint: Optional[bool] = _f(None, "write checkpoint.pt every epoch and at the end "
+                                    "(default: on, off with --profile)")
+    log_interval: int = _f(20, "steps between log lines (each one synchronises the device)")
+    profile: bool = _f(False, "profile time, memory and energy per block (profile.json)")
+    profile_warmup: int = _f(5, "steps (per block in sequential mode) before the measured part")
+
+    def __post_init__(self):
+        self._check_types()
+        from blockwise import data, models, optim  # the registries own the valid names
+
+        _choice("mode", self.mode, MODES)
+        _choice("dataset", self.dataset, data.DATASETS)
+        _choice("optimizer", self.optimizer, optim.OPTIMIZERS)
+        _choice("pool", self.pool, models.POOLS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
+        recipe = RECIPES[self.recipe_name()]
+
+        # ---- resolve what was left at None
+        if self.image_size is None:
+            self.image_size = DEFAULT_IMAGE_SIZE[self.dataset]
+        small = self.image_size <= SMALL_IMAGE_MAX
+        if self.arch is None:
+            self.arch = recipe["arch"] if self.dataset == "digits" else (
+                "resnet18" if small else "resnet50")
+        _choice("arch", self.arch, models.ARCHS)
+        if self.small_stem is None:
+            self.small_stem = small
+        if self.expander is None:
+            self.expander = 2048 if self.arch == "resnet50" else 0
+        for name in ("projector", "batch_size", "epochs", "loss_scale"):
+            if getattr(self, name) is None:
+                setattr(self, name, recipe[name])
+        lr, wd = OPTIMIZER_DEFAULTS[self.optimizer]
+        if self.lr is None:
+            self.lr = lr
+        if self.weight_decay is None:
+            self.weight_decay = wd
+        if self.warmup_epochs is None:
+            self.warmup_epochs = min(10.0, min(self.block_epoch_list()) / 10)
+        if self.workers is None:
+            self.workers = max(1, min(16, _cpu_count() - 1))
+        if self.device == "auto":
+            import torch
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device == "cuda" else "fp32"
+        if self.channels_last is None:
+            self.channels_last = self.device == "cuda"
+        if self.probe_epochs is None:
+            self.probe_epochs = 100
+        if self.checkpoint is None:
+            self.checkpoint = not self.profile
+
+        # ---- validate
+        models.parse_projector(self.projector)
+        _positive("image_size", self.image_size, minimum=8)
+        _positive("batch_size", self.batch_size, minimum=2,
+                  why="Barlow Twins needs batch statistics: at least 2 image pairs per rank")
+        _positive("epochs", self.epochs)
+        _positive("lr", self.lr, zero_ok=False)
+        _positive("weight_decay", self.weight_decay, zero_ok=True)
+        _positive("lars_eta", self.lars_eta, zero_ok=False)
+        _positive("lambd", self.lambd, zero_ok=True)
+        _positive("loss_scale", self.loss_scale, zero_ok=False)
+        _positive("noise_std", self.noise_std, zero_ok=True)
+        _positive("expander", self.expander, zero_ok=True)
+        _positive("warmup_epochs", self.warmup_epochs, zero_ok=True)
+        _positive("num_classes", self.num_classes, minimum=2)
+        _positive("synthetic_size", self.synthetic_size)
+        _positive("workers", self.workers, zero_ok=True)
+        _positive("probe_epochs", self.probe_epochs, zero_ok=True)
+        _positive("probe_lr", self.probe_lr, zero_ok=False)
+        _positive("probe_batch_size", self.probe_batch_size)
+        _positive("log_interval", self.log_interval)
+        _positive("profile_warmup", self.profile_warmup, zero_ok=True)
+        if self.pool_window is not None:
+            _positive("pool_window", self.pool_window)
+        if self.max_steps is not None:
+            _positive("max_steps", self.max_steps)
+        if self.mode != "sequential":
+            for name in ("block_epochs", "steps_per_block"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{_flag(name)} applies to --mode sequential only "
+                                     f"(mode is {self.mode!r})")
+        if self.steps_per_block is not None:
+            _positive("steps_per_block", self.steps_per_block)
+        self.block_epoch_list()  # validates block_epochs
+        if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:
+            raise ValueError(f"dataset {self.dataset!r} needs --data-dir")
+        if self.device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda, but CUDA is not available here; valid: cpu, auto")
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise TypeError(f"resume must be a path, got {type(self.resume).__name__}")
+
+    # ---- derived values
+    def recipe_name(self) -> str:
+        if self.dataset == "digits":
+            return "digits"
+        size = self.image_size if self.image_size is not None else DEFAULT_IMAGE_SIZE[self.dataset]
+        return "small" if size <= SMALL_IMAGE_MAX else "paper"
+
+    def block_epoch_list(self) -> List[int]:
+        """Epochs of each block (sequential), or [epochs] for the other modes."""
+        if self.block_epochs is None:
+            return [self.epochs] * (4 if self.mode == "sequential" else 1)
+        try:
+            values = [int(v) for v in str(self.block_epochs).split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 4 or any(v <= 0 for v in values):
+            raise ValueError(f"--block-epochs {self.block_epochs!r}: expected 4 positive integers "
+                             "separated by commas, e.g. 10,10,20,20")
+        return values
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def _check_types(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _base_type(hints[f.name])
+            if value is None:
+                if not _optional(hints[f.name]):
+                    raise TypeError(f"{f.name} must not be None")
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+                raise TypeError(f"{f.name} must be {kind.__name__}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _choice(name: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(sorted(valid))}")
+
+
+def _positive(name: str, value, minimum=None, zero_ok=False, why: str = "") -> None:
+    if minimum is not None:
+        ok = value >= minimum
+        need = f">= {minimum}"
+    elif zero_ok:
+        ok, need = value >= 0, ">= 0"
+    else:
+        ok, need = value > 0, "> 0"
+    if not ok:
+        raise ValueError(f"--{_flag(name)} must be {need}, got {value}" + (f" ({why})" if why else ""))
+
+
+def _optional(tp) -> bool:
+    return type(None) in getattr(tp, "__args__", ())
+
+
+def _base_type(tp):
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    return args[0] if args else tp
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI generated from the dataclass
+
+
+def build_parser(prog: str = "python -m blockwise.train") -> argparse.ArgumentParser:
+    """One flag per Config field (``--field-name``); bools get ``--x/--no-x``.
+
+    Defaults are argparse.SUPPRESS: only flags given on the command line appear in the parsed
+    namespace, so a resumed run can tell them from the saved settings.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Blockwise self-supervised pre-training (Barlow Twins per ResNet "
+        "block) followed by a linear probe of every block.",
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        kind = _base_type(hints[f.name])
+        default = "resolved" if f.default is None else f.default
+        help_text = f.metadata.get("help", "") + f" [{default}]"
+        if kind is bool:
+            parser.add_argument(f"--{_flag(f.name)}", action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            parser.add_argument(f"--{_flag(f.name)}", type=kind, metavar=f.name.upper(),
+                                help=help_text)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The flags given on the command line, as a dict of Config field values."""
+    return vars(build_parser().parse_args(argv))
+
+
+#: settings a resumed run may change (they do not alter the training trajectory)
+RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
+                  "probe_batch_size", "probe_control", "profile", "profile_warmup", "checkpoint",
+                  "out", "resume")
+
+
+def merge_for_resume(saved: Dict[str, Any], given: Dict[str, Any]) -> Config:
+    """The saved config with the flags given again; a flag that would change training: ValueError."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in saved.items() if k in known}
+    trial = Config(**{**values, **given})  # resolves the given values the same way
+    for name in given:
+        if name in RESUME_MUTABLE:
+            continue
+        if getattr(trial, name) != values.get(name):
+            raise ValueError(f"--{_flag(name)} {given[name]!r} differs from the resumed run's "
+                             f"{values.get(name)!r}; a resumed run keeps its training settings "
+                             f"(changeable: {', '.join(_flag(n) for n in RESUME_MUTABLE)})")
+    return trial
+
+
+def describe(cfg: Config) -> str:
+    """A compact multi-line listing of the resolved settings (printed at the start of a run)."""
+    d = cfg.to_dict()
+    items = [f"{k}={v}" for k, v in d.items()]
+    lines, line = [], ""
+    for item in items:
+        if len(line) + len(item) + 2 > 100:
+            lines.append(line)
+            line = ""
+        line = f"{line}  {item}" if line else item
+    lines.append(line)
+    return f"config (recipe {cfg.recipe_name()!r}):\n  " + "\n  ".join(lines)

@@ -1,0 +1,229 @@
+"""``python -m blockwise.train``: pre-train (e2e / simultaneous / sequential), then probe every block.
+
+    python -m blockwise.train --fused                       # digits, CPU or GPU, a few minutes
+    python -m blockwise.train --dataset imagefolder --data-dir DIR --mode sequential \\
+        --block-epochs 10,10,20,20 --fused
+    torchrun --nproc_per_node=8 -m blockwise.train --dataset imagefolder --data-dir DIR --fused
+    python -m blockwise.train --resume runs/20250101-120000      # continue where it stopped
+
+Run directory (--out, default runs/<timestamp>): config.json (resolved settings and versions),
+metrics.jsonl (one record per block per log interval), checkpoint.pt (each epoch and at the end,
+atomically), probe.json, backbone_torchvision.pt (ImageNet stem only), summary.json, and
+profile.json with --profile.
+
+Exit codes: 0 done; 2 bad input (unknown name, missing data, batch too small, non-finite loss:
+a one-line message, no traceback); 3 CUDA out of memory ("out of memory: ..."; nothing
+half-written).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+
+from blockwise import config as config_mod
+from blockwise import models
+from blockwise.checkpoint import atomic_torch_save, atomic_write_json, load_checkpoint
+from blockwise.config import Config
+from blockwise.probe import PROBE, format_table, run_probe
+from blockwise.trainer import DistInfo, NonFiniteLoss, Trainer, setup_distributed
+
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def versions() -> Dict[str, Any]:
+    import numpy
+    import torchvision
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "triton": triton_version,
+            "numpy": numpy.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "git_commit": commit, "hostname": platform.node()}
+
+
+def resolve_config(given: Dict[str, Any]) -> Config:
+    """The run's Config: from the flags, or (``resume``) the saved config with the flags merged."""
+    if given.get("resume"):
+        saved = load_checkpoint(given["resume"])["config"]
+        given = dict(given)
+        if "out" not in given:
+            where = given["resume"]
+            given["out"] = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
+        return config_mod.merge_for_resume(saved, given)
+    return Config(**given)
+
+
+def _resolve_out(cfg: Config, info: DistInfo) -> str:
+    out = cfg.out
+    if out is None:
+        out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        if info.enabled:  # every rank must use rank 0's timestamp
+            import torch.distributed as dist
+            box = [out]
+            dist.broadcast_object_list(box, src=0)
+            out = box[0]
+    return out
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
+    """Pre-train, save, probe, export; returns the summary. Raises _Exit for codes 2 and 3."""
+    main = info.is_main
+    say = log if main else (lambda *a, **k: None)
+    try:
+        trainer = Trainer(cfg, cfg.out, info, log=say)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise _Exit(EXIT_BAD_INPUT, f"error: {err}") from None
+    if main:
+        atomic_write_json(os.path.join(cfg.out, "config.json"), {
+            "config": cfg.to_dict(), "recipe": cfg.recipe_name(), "world_size": info.world_size,
+            "versions": versions(), "command": sys.argv,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "fused_kernels_used": trainer.fused, "loss_uses_kernel": trainer.loss_fn.use_kernel,
+            "train_images": len(trainer.bundle.train_ssl), "steps_per_epoch": trainer.steps_per_epoch,
+            "total_steps": trainer.total_steps()})
+    say(config_mod.describe(cfg))
+    say(f"{cfg.mode}: {cfg.arch} on {cfg.dataset} ({len(trainer.bundle.train_ssl)} training "
+        f"images, {cfg.image_size} px), global batch {cfg.batch_size} over {info.world_size} "
+        f"process(es) on {trainer.device}, {trainer.steps_per_epoch} steps/epoch, "
+        f"{trainer.total_steps()} steps from step {trainer.state.step}; run dir {cfg.out}")
+    try:
+        try:
+            summary = trainer.fit()
+        except NonFiniteLoss as err:
+            raise _Exit(EXIT_BAD_INPUT, f"error: {err}") from None
+        if cfg.profile and main:
+            meta = {**cfg.to_dict(), "warmup_steps": cfg.profile_warmup,
+                    "measured_steps": trainer.measured_steps, "world_size": info.world_size,
+                    "fused_kernels_used": trainer.fused,
+                    "loss_uses_kernel": trainer.loss_fn.use_kernel}
+            trainer.prof.save(os.path.join(cfg.out, "profile.json"), meta=meta)
+            summary["profile"] = os.path.join(cfg.out, "profile.json")
+        summary["export"] = _export(trainer) if main else None
+        probe = None
+        if cfg.probe_epochs > 0 and main:
+            probe = run_probe(cfg, trainer.blocks, trainer.bundle, trainer.device,
+                              meta={"step": trainer.state.step})
+            atomic_write_json(os.path.join(cfg.out, PROBE), probe)
+        if info.enabled:
+            import torch.distributed as dist
+            dist.barrier()  # the other ranks wait for rank 0's probe
+    except _Exit:
+        raise
+    except BaseException as err:
+        if _is_oom(err):
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise _Exit(EXIT_OOM, f"out of memory: {first}") from None
+        raise
+    finally:
+        trainer.close()
+    summary["probe"] = probe
+    if main:
+        atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
+        say(format_summary(summary, cfg))
+    return summary
+
+
+def _export(trainer: Trainer) -> Dict[str, Any]:
+    """backbone_torchvision.pt (ImageNet stem): loads into torchvision.models.<arch>() strictly."""
+    cfg = trainer.cfg
+    if cfg.small_stem:
+        sd = models.export_torchvision_state_dict(trainer.blocks, cfg.arch, allow_small_stem=True)
+        path = atomic_torch_save(sd, os.path.join(cfg.out, "backbone_small_stem.pt"))
+        return {"path": path, "strict_torchvision": False,
+                "note": "small stem (3x3 stride-1 conv1, no max-pool): torchvision's ResNet cannot "
+                        "load it strictly, so backbone_torchvision.pt was not written; this file has "
+                        "torchvision's key names: replace conv1 by a 3x3 stride-1 conv and maxpool "
+                        "by nn.Identity(), then load_state_dict(strict=True)"}
+    sd = models.export_torchvision_state_dict(trainer.blocks, cfg.arch)
+    path = atomic_torch_save(sd, os.path.join(cfg.out, "backbone_torchvision.pt"))
+    return {"path": path, "strict_torchvision": True,
+            "note": f"torchvision.models.{cfg.arch}().load_state_dict(torch.load(path)) "
+                    "(fc is freshly initialised)"}
+
+
+def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
+    lines = ["", "=" * 78]
+    pairs = summary["pairs_per_s"]
+    loader = summary["loader_capacity_pairs_per_s"]
+    wait = summary["data_wait_share"]
+    lines.append(f"done: {summary['steps_this_process']} steps in {summary['time_s']:.1f} s "
+                 f"({pairs:.1f} pairs/s, i.e. {2 * pairs:.1f} images/s)"
+                 if pairs else f"done: no step run (already at step {summary['steps']})")
+    if loader is not None:
+        lines.append(f"loader: capacity about {loader:.0f} pairs/s ({cfg.workers} worker(s) x "
+                     f"their measured time per pair); waiting for data "
+                     f"{100 * (wait or 0):.1f}% of the run")
+    per_block = summary.get("peak_memory_gib_per_block")
+    if per_block:
+        lines.append("peak memory: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in per_block.items()))
+    elif summary.get("peak_memory_gib") is not None:
+        lines.append(f"peak memory: {summary['peak_memory_gib']:.2f} GiB (per-window figures in "
+                     "profile.json)")
+    else:
+        lines.append("peak memory: n/a (CPU run)")
+    if summary.get("profile"):
+        lines.append(f"profile: {summary['profile']}")
+    export = summary.get("export")
+    if export:
+        lines.append(f"backbone: {export['path']}" + ("" if export["strict_torchvision"]
+                                                     else f" ({export['note']})"))
+    if summary.get("probe"):
+        lines.append(format_table(summary["probe"]))
+    lines.append(f"run directory: {cfg.out}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    given = config_mod.parse_args(argv)  # argparse itself exits 2 on an unknown flag
+    info = DistInfo()
+    try:
+        try:
+            cfg = resolve_config(given)
+            info = setup_distributed(cfg.device)
+            cfg.out = _resolve_out(cfg, info)
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise _Exit(EXIT_BAD_INPUT, f"error: {err}") from None
+        run(cfg, info)
+        return 0
+    except _Exit as err:
+        if info.is_main or err.code == EXIT_OOM:
+            print(str(err), file=sys.stderr, flush=True)
+        return err.code
+    finally:
+        if info.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,8 +14,9 @@ counter, RAPL) and the memory meter (peaks; see memory.py for how nesting keeps 
 peak exact). Windows are aggregated by name, and only those that close inside ``measure()``
 count: warm-up steps (compilation, autotuning, cudnn benchmarking) stay out of the figures.
 Each ``measure()`` entry is one segment of the run; the run's time, images and energy are sums
-over segments, its peaks maxima. A segment is labelled with the ``block<k>`` window it contained
-(sequential mode trains one block per segment), so reports can give per-block costs.
+over segments, its peaks maxima. A segment is labelled ``block<k>`` when exactly one block was
+trained in it (had a ``block<k>/backward`` window; sequential mode trains one block per segment
+and runs the earlier ones forward only), so reports can give per-block costs.
 
 The cost of a boundary when enabled: one device synchronize, one NVML read per GPU, one RAPL
 read, one ``memory_stats`` call and a peak reset: tens of microseconds plus the time the GPU sits
@@ -37,7 +38,7 @@ from profiling.memory import MemoryMeter, MemoryWindow
 
 SCHEMA = "blockwise.profile/1"
 MEASURE = "<measure>"  # the window name of a measure() segment (reserved)
-_BLOCK = re.compile(r"^block\d+$")
+_BLOCK = re.compile(r"^block(\d+)(/backward)?$")
 TRACE_POINTS = 2000  # power_trace in profile.json is averaged down to at most this many points
 
 
@@ -230,8 +231,9 @@ class Profiler:
             if agg is None:
                 agg = self._agg[name] = _Agg(e.depth)
             agg.add(e, m, self._images - images0)
-            if _BLOCK.match(name):
-                self._seg_blocks.add(name)
+            m = _BLOCK.match(name)
+            if m:  # (block name, trained?) for the segment's label
+                self._seg_blocks.add((f"block{m.group(1)}", m.group(2) is not None))
 
     # -- the measured part ---------------------------------------------------------------------
     def measure(self, label: Optional[str] = None):
@@ -257,8 +259,15 @@ class Profiler:
         e, m = self._last_measure
         images = self._images - self._seg_images0
         label = self._seg_label
-        if label is None and len(self._seg_blocks) == 1:
-            label = next(iter(self._seg_blocks))
+        if label is None:
+            # the block trained in this segment: the one with a backward window (sequential runs
+            # frozen earlier blocks forward only), else the only block window seen
+            trained = {b for b, bwd in self._seg_blocks if bwd}
+            seen = {b for b, _ in self._seg_blocks}
+            if len(trained) == 1:
+                label = next(iter(trained))
+            elif not trained and len(seen) == 1:
+                label = next(iter(seen))
         self._segments.append({
             "label": label,
             "start_s": e.start_s,

@@ -208,3 +208,28 @@ def test_real_cuda_profile(tmp_path):
         assert p["run"]["energy_j"] > 0 and p["run"]["energy_method"] in ("counter", "sampling")
     else:
         assert p["run"]["unavailable"]["energy"]
+
+
+def test_segment_label_is_the_trained_block():
+    """Sequential: block k's segment also runs blocks 1..k-1 forward (frozen); the label is the
+    block that had a backward window."""
+    prof = Profiler("cpu")
+    for k in (1, 2, 3):
+        with prof.measure():
+            with prof.window("step"):
+                for j in range(1, k):
+                    with prof.window(f"block{j}"), prof.window(f"block{j}/forward"):
+                        pass
+                with prof.window(f"block{k}"):
+                    with prof.window(f"block{k}/backward"):
+                        pass
+            prof.add_images(2)
+    with prof.measure():  # simultaneous-like: several trained blocks -> no label
+        for k in (1, 2):
+            with prof.window(f"block{k}"), prof.window(f"block{k}/backward"):
+                pass
+    with prof.measure(label="mine"):
+        pass
+    labels = [s["label"] for s in prof.summary({})["run"]["segments"]]
+    prof.close()
+    assert labels == ["block1", "block2", "block3", None, "mine"]

@@ -1,0 +1,193 @@
+"""``python -m profiling compare``: each training mode as a fresh trainer process, one report.
+
+Each mode (and, with ``--fused both``, each mode with and without the fused kernels) runs as its
+own ``python -m blockwise.train --profile ...`` process on the same model, batch and synthetic
+data, for ``--warmup`` steps and then ``--steps`` measured steps (sequential: that many per
+block). A fresh process per mode is the honest measurement: no allocator cache, cudnn autotuning
+or warm clocks carried from one mode into the next. The report is rendered from the runs'
+profile.json files (this package never imports ``blockwise``).
+
+Layout of ``--out``: ``runs/<label>/`` (the trainer's run directory), ``runs/<label>.log`` (its
+output), ``report.md``, ``report.json`` and the PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence
+
+from profiling.report import RunResult, load_profile, write_report
+
+MODES = ("e2e", "simultaneous", "sequential")  # as blockwise.config.MODES (not imported)
+FUSED_CHOICES = ("off", "on", "both")
+OOM_EXIT_CODE = 3  # blockwise.train's exit code on CUDA out-of-memory
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_modes(text: str) -> List[str]:
+    modes = [m.strip() for m in str(text).split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise ValueError(f"--modes {text!r}: unknown {bad or 'empty list'}; valid: "
+                         f"{', '.join(MODES)} (comma-separated)")
+    if len(set(modes)) != len(modes):
+        raise ValueError(f"--modes {text!r} repeats a mode")
+    return modes
+
+
+def fused_variants(choice: str) -> List[bool]:
+    if choice not in FUSED_CHOICES:
+        raise ValueError(f"--fused {choice!r}; valid: {', '.join(FUSED_CHOICES)}")
+    return {"off": [False], "on": [True], "both": [False, True]}[choice]
+
+
+def trainer_command(mode: str, *, run_dir: str, arch: str, image_size: int, batch_size: int,
+                    steps: int, warmup: int, fused: bool, projector: Optional[str] = None,
+                    device: Optional[str] = None, seed: int = 0,
+                    extra: Sequence[str] = (), python: str = sys.executable,
+                    profile: bool = True) -> List[str]:
+    """The ``python -m blockwise.train`` command line of one measured run.
+
+    e2e / simultaneous: ``warmup + steps`` optimisation steps (``--max-steps``); sequential:
+    ``warmup + steps`` per block (``--steps-per-block``); the first ``warmup`` (per block) are
+    outside the measured part (``--profile-warmup``). The synthetic set holds exactly one
+    epoch of those steps.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
+    for name, v, lo in (("steps", steps, 1), ("warmup", warmup, 0), ("batch_size", batch_size, 2),
+                        ("image_size", image_size, 8)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+    total = warmup + steps
+    cmd = [python, "-m", "blockwise.train", "--mode", mode, "--dataset", "synthetic",
+           "--arch", arch, "--image-size", str(image_size), "--batch-size", str(batch_size),
+           "--synthetic-size", str(batch_size * total), "--probe-epochs", "0",
+           "--out", run_dir, "--seed", str(seed), "--fused" if fused else "--no-fused"]
+    if profile:
+        cmd += ["--profile", "--profile-warmup", str(warmup)]
+    if projector:
+        cmd += ["--projector", projector]
+    if device:
+        cmd += ["--device", device]
+    if mode == "sequential":
+        cmd += ["--steps-per-block", str(total)]
+    else:
+        cmd += ["--max-steps", str(total)]
+    return cmd + list(extra)
+
+
+def child_env() -> dict:
+    """The environment of a trainer process: ours, with the repository importable."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH", "")
+    if REPO_ROOT not in path.split(os.pathsep):
+        env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + path if path else "")
+    return env
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).strip()
+    except OSError:
+        return ""
+
+
+def run_trainer(cmd: List[str], run_dir: str, log_path: str, timeout_s: float,
+                label: str, mode: str, fused: Optional[bool]) -> RunResult:
+    """Run one trainer process; classify ok / oom / failed; load its profile.json."""
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)  # a stale run dir would be resumed or mixed in
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "w", encoding="utf-8") as log:
+        log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                timeout=timeout_s, check=False).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    wall = time.perf_counter() - t0
+    res = RunResult(label=label, run_dir=run_dir, mode=mode, fused=fused, exit_code=rc,
+                    wall_s=wall, command=cmd)
+    profile_path = os.path.join(run_dir, "profile.json")
+    if rc is None:
+        res.status, res.error = "failed", f"timed out after {timeout_s:.0f} s (log: {log_path})"
+    elif rc == OOM_EXIT_CODE or (rc != 0 and "out of memory" in _tail(log_path, 5).lower()):
+        res.status = "oom"
+        oom = [ln for ln in _tail(log_path, 20).splitlines() if "out of memory" in ln.lower()]
+        res.error = (oom[-1] if oom else "out of memory") + (
+            "" if rc == OOM_EXIT_CODE else f" (exit code {rc}, detected from the output)")
+    elif rc != 0:
+        res.status, res.error = "failed", f"exit code {rc}; log {log_path}:\n" + _tail(log_path)
+    elif not os.path.isfile(profile_path):
+        res.status, res.error = "failed", f"exit code 0 but no {profile_path} (was --profile " \
+                                          "honoured?)"
+    else:
+        try:
+            res.profile = load_profile(profile_path)
+        except ValueError as e:
+            res.status, res.error = "failed", str(e)
+    return res
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default="e2e,simultaneous,sequential",
+                   help=f"comma-separated modes ({', '.join(MODES)})")
+    p.add_argument("--arch", default="resnet50", help="resnet18 or resnet50")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=256, help="image pairs per step")
+    p.add_argument("--steps", type=int, default=20,
+                   help="measured steps (sequential: per block)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="warm-up steps before the measured ones (sequential: per block)")
+    p.add_argument("--projector", default=None, help="projector widths, e.g. 8192-8192-8192 "
+                   "(default: the trainer's)")
+    p.add_argument("--fused", nargs="?", const="on", default="off", choices=FUSED_CHOICES,
+                   help="fused Triton kernels: off, on (--fused alone), or both (each mode twice)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: the trainer's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer run")
+    p.add_argument("--python", default=sys.executable, help="interpreter of the trainer runs")
+    p.add_argument("--out", required=True, help="report directory")
+
+
+def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    modes = parse_modes(args.modes)
+    variants = fused_variants(args.fused)
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "runs"), exist_ok=True)
+    jobs = [(m, f) for m in modes for f in variants]
+    results: List[RunResult] = []
+    for i, (mode, fused) in enumerate(jobs, 1):
+        name = mode if len(variants) == 1 else f"{mode}-{'fused' if fused else 'unfused'}"
+        label = mode if len(variants) == 1 else f"{mode} ({'fused' if fused else 'unfused'})"
+        run_dir = os.path.join(out, "runs", name)
+        cmd = trainer_command(mode, run_dir=run_dir, arch=args.arch, image_size=args.image_size,
+                              batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+                              fused=fused, projector=args.projector, device=args.device,
+                              seed=args.seed, extra=extra, python=args.python)
+        print(f"[{i}/{len(jobs)}] {label}: {' '.join(shlex.quote(c) for c in cmd[1:])}",
+              flush=True)
+        res = run_trainer(cmd, run_dir, os.path.join(out, "runs", name + ".log"), args.timeout,
+                          label, mode, fused)
+        summary = res.status
+        if res.profile:
+            r = res.profile["run"]
+            summary += (f", {r['images']} image pairs in {r['time_s']:.2f} s"
+                        if r.get("time_s") else ", nothing measured")
+        print(f"      {summary} ({res.wall_s:.0f} s)" + (f": {res.error}" if res.error else ""),
+              flush=True)
+        results.append(res)
+    command = "python -m profiling compare " + " ".join(
+        shlex.quote(a) for a in getattr(args, "_argv", []))
+    write_report(results, out, command=command.strip())
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return 0 if all(r.status == "ok" for r in results) else 1

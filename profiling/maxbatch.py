@@ -1,0 +1,284 @@
+"""``python -m profiling maxbatch``: the largest batch each mode fits in GPU memory.
+
+Each probe is a fresh ``python -m blockwise.train`` process running a couple of steps at one batch
+size (sequential: that many steps per block, so every block's peak is reached); exit code 3 is
+out of memory. A fresh process per probe is what makes recovering from an OOM reliable: nothing
+of a failed attempt (fragmented cache, half-freed graphs) leaks into the next one.
+
+Search, per mode: from ``--start``, double while the batch fits (up to ``--max-batch``) or halve
+while it does not, then bisect between the largest fitting and the smallest failing batch, on
+multiples of ``--granularity``, until they are one granule apart or ``--max-probes`` is spent.
+The answer is an interval: largest batch seen to fit, smallest seen to fail.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+from profiling import _io
+from profiling.compare import (
+    FUSED_CHOICES,
+    parse_modes,
+    run_trainer,
+    trainer_command,
+)
+
+
+class ProbeError(RuntimeError):
+    """A probe failed for another reason than out of memory: the search cannot go on."""
+
+
+def _round(b: int, g: int) -> int:
+    return max(g, (b // g) * g)
+
+
+def search(probe: Callable[[int], bool], *, start: int, max_batch: int, granularity: int,
+           max_probes: int) -> dict:
+    """Bisection over batch sizes; ``probe(b)`` is True when ``b`` fits, False on OOM.
+
+    Returns {"largest_fitting", "smallest_failing", "resolution", "capped", "probes": [b...],
+    "fits": {b: bool}}. ``largest_fitting`` is None when not even ``granularity`` fits;
+    ``capped`` means ``max_batch`` itself fitted (the true limit may be higher).
+    """
+    for name, v in (("start", start), ("max_batch", max_batch), ("granularity", granularity),
+                    ("max_probes", max_probes)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if max_batch < granularity:
+        raise ValueError(f"max_batch ({max_batch}) must be >= granularity ({granularity})")
+    fits: Dict[int, bool] = {}
+    order: List[int] = []
+    lo: Optional[int] = None  # largest fitting
+    hi: Optional[int] = None  # smallest failing
+
+    def try_(b: int) -> bool:
+        nonlocal lo, hi
+        ok = bool(probe(b))
+        fits[b] = ok
+        order.append(b)
+        if ok:
+            lo = b if lo is None else max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+        return ok
+
+    b = min(_round(start, granularity), _round(max_batch, granularity))
+    # phase 1: bracket (double up while it fits, halve down while it does not)
+    while len(order) < max_probes:
+        if try_(b):
+            if b >= max_batch or hi is not None:
+                break
+            b = min(_round(2 * b, granularity), _round(max_batch, granularity))
+            if b in fits:
+                break
+        else:
+            if lo is not None:
+                break
+            nb = _round(b // 2, granularity)
+            if nb == b or nb in fits:
+                break
+            b = nb
+    # phase 2: bisect
+    while lo is not None and hi is not None and hi - lo > granularity \
+            and len(order) < max_probes:
+        mid = _round((lo + hi) // 2, granularity)
+        if mid <= lo:
+            mid = lo + granularity
+        if mid >= hi or mid in fits:
+            break
+        try_(mid)
+    return {
+        "largest_fitting": lo,
+        "smallest_failing": hi,
+        "resolution": (hi - lo) if lo is not None and hi is not None else None,
+        "capped": lo is not None and hi is None and lo >= _round(max_batch, granularity),
+        "probes": order,
+        "fits": {str(k): v for k, v in sorted(fits.items())},
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default="e2e,simultaneous,sequential")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--projector", default=None)
+    p.add_argument("--fused", nargs="?", const="on", default="off",
+                   choices=[c for c in FUSED_CHOICES if c != "both"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--start", type=int, default=256, help="first batch size probed")
+    p.add_argument("--max-batch", type=int, default=8192, help="never probe above this")
+    p.add_argument("--granularity", type=int, default=32,
+                   help="batch sizes are multiples of this; the search stops one granule apart")
+    p.add_argument("--max-probes", type=int, default=8, help="probes per mode at most")
+    p.add_argument("--steps", type=int, default=2,
+                   help="steps per probe (sequential: per block); 2 reaches the optimizer state")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per probe")
+    p.add_argument("--python", default=sys.executable)
+    p.add_argument("--out", required=True)
+
+
+def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    modes = parse_modes(args.modes)
+    out = os.path.abspath(args.out)
+    probes_dir = os.path.join(out, "probes")
+    os.makedirs(probes_dir, exist_ok=True)
+    fused = args.fused == "on"
+    results = []
+    for mode in modes:
+        records: List[dict] = []
+
+        def probe(batch: int, mode=mode, records=records) -> bool:
+            name = f"{mode}-b{batch}"
+            run_dir = os.path.join(probes_dir, name)
+            # the probe's first step is warm-up: the profile then holds the peak of the others
+            cmd = trainer_command(mode, run_dir=run_dir, arch=args.arch,
+                                  image_size=args.image_size, batch_size=batch,
+                                  steps=max(1, args.steps - 1), warmup=min(1, args.steps - 1),
+                                  fused=fused, projector=args.projector, device=args.device,
+                                  extra=extra, python=args.python)
+            res = run_trainer(cmd, run_dir, os.path.join(probes_dir, name + ".log"),
+                              args.timeout, name, mode, fused)
+            rec = {"batch": batch, "result": {"ok": "fits"}.get(res.status, res.status),
+                   "exit_code": res.exit_code, "wall_s": res.wall_s,
+                   "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_used_gib": None}
+            if res.profile:
+                r = res.profile["run"]
+                for k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib"):
+                    rec[k] = r.get(k)
+                rec["memory_unavailable"] = r.get("unavailable", {}).get("memory")
+            records.append(rec)
+            print(f"  {mode} batch {batch}: {rec['result']} ({res.wall_s:.0f} s)"
+                  + (f", peak allocated {rec['peak_allocated_gib']:.2f} GiB"
+                     if rec["peak_allocated_gib"] is not None else ""), flush=True)
+            if res.status == "failed":
+                raise ProbeError(f"{mode} at batch {batch} failed (not OOM): {res.error}")
+            return res.status == "ok"
+
+        print(f"{mode}:", flush=True)
+        try:
+            found = search(probe, start=args.start, max_batch=args.max_batch,
+                           granularity=args.granularity, max_probes=args.max_probes)
+            error = None
+        except ProbeError as e:
+            found, error = None, str(e)
+        entry = {"mode": mode, "error": error, "probes": records}
+        entry.update({k: (found or {}).get(k) for k in
+                      ("largest_fitting", "smallest_failing", "resolution", "capped")})
+        results.append(entry)
+    rep = {"schema": "blockwise.maxbatch/1",
+           "command": "python -m profiling maxbatch " + " ".join(
+               shlex.quote(a) for a in getattr(args, "_argv", [])),
+           "settings": {"arch": args.arch, "image_size": args.image_size,
+                        "projector": args.projector, "fused": fused, "device": args.device,
+                        "start": args.start, "max_batch": args.max_batch,
+                        "granularity": args.granularity, "max_probes": args.max_probes,
+                        "steps_per_probe": args.steps, "extra_trainer_args": list(extra)},
+           "environment": _probe_environment(probes_dir), "modes": results}
+    write_outputs(rep, out)
+    print(f"report: {os.path.join(out, 'maxbatch.md')}")
+    return 0 if all(e["error"] is None for e in results) else 1
+
+
+def _probe_environment(probes_dir: str) -> Optional[dict]:
+    """The environment block of the first probe profile found (GPU, driver, versions)."""
+    import json
+
+    for name in sorted(os.listdir(probes_dir)):
+        path = os.path.join(probes_dir, name, "profile.json")
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f).get("environment")
+            except (OSError, ValueError):
+                continue
+    return None
+
+
+def render_markdown(rep: dict) -> str:
+    env = rep.get("environment") or {}
+    s = rep["settings"]
+    out = ["# Largest batch that fits in GPU memory", "",
+           f"**GPU** {env.get('gpu') or 'n/a (no GPU profile)'}"
+           + (f", {env['gpu_memory_gib']:.1f} GiB" if env.get("gpu_memory_gib") else "")
+           + f"; **driver** {env.get('driver') or 'n/a'}; **torch** {env.get('torch') or 'n/a'}; "
+           f"**triton** {env.get('triton') or 'n/a'}.", "",
+           f"**Settings** {s['arch']}, {s['image_size']} px, projector "
+           f"{s['projector'] or '(trainer default)'}, fused {s['fused']}, "
+           f"{s['steps_per_probe']} steps per probe (sequential: per block); search from "
+           f"{s['start']}, multiples of {s['granularity']}, at most {s['max_probes']} probes per "
+           f"mode, cap {s['max_batch']}"
+           + (f"; trainer args {' '.join(s['extra_trainer_args'])}"
+              if s["extra_trainer_args"] else "") + ".", "",
+           f"Produced by `{rep['command']}`.", "",
+           "| mode | largest batch that fits | x e2e | smallest batch that OOMs | resolution | "
+           "peak allocated at largest (GiB) | probes |",
+           "|---|---:|---:|---:|---:|---:|---|"]
+    base = next((m for m in rep["modes"] if m["mode"] == "e2e"), None)
+    base_v = base["largest_fitting"] if base else None
+    for m in rep["modes"]:
+        lf = m["largest_fitting"]
+        if m["error"]:
+            lf_s = f"n/a (probe failed: {m['error'][:60]})"
+        elif lf is None:
+            lf_s = "n/a (nothing fits, not even the smallest probe)"
+        else:
+            lf_s = f"{lf}" + (" (cap reached, true limit may be higher)" if m["capped"] else "")
+        ratio = (f"{lf / base_v:.2f}x" if lf is not None and base_v else
+                 "n/a (no e2e result)" if not base_v else "n/a")
+        at = next((p for p in m["probes"] if p["batch"] == lf), None)
+        peak = (f"{at['peak_allocated_gib']:.2f}" if at and at["peak_allocated_gib"] is not None
+                else f"n/a ({(at or {}).get('memory_unavailable') or 'not measured'})")
+        fail = m["smallest_failing"] if m["smallest_failing"] is not None else \
+            "n/a (none failed)"
+        res = m["resolution"] if m["resolution"] is not None else "n/a"
+        probes = ", ".join(f"{p['batch']}:{p['result']}" for p in m["probes"])
+        out.append(f"| {m['mode']} | {lf_s} | {ratio} | {fail} | {res} | {peak} | {probes} |")
+    out += ["", "![peak memory vs batch](memory_vs_batch.png)", "",
+            "Each probe is a fresh trainer process (`--max-steps`/`--steps-per-block` as above, "
+            "synthetic data); OOM = exit code 3. The true limit lies between the largest batch "
+            "that fits and the smallest that fails."]
+    return "\n".join(out) + "\n"
+
+
+def render_plot(rep: dict, path: str) -> None:
+    from profiling.report import _plt, _save
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    any_point = False
+    for i, m in enumerate(rep["modes"]):
+        pts = sorted((p["batch"], p["peak_allocated_gib"]) for p in m["probes"]
+                     if p["result"] == "fits" and p["peak_allocated_gib"] is not None)
+        if pts:
+            ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color=f"C{i}",
+                    label=f"{m['mode']} (fits)")
+            any_point = True
+        ooms = [p["batch"] for p in m["probes"] if p["result"] == "oom"]
+        if ooms:
+            ax.scatter(ooms, [0] * len(ooms), marker="x", color=f"C{i}", s=60,
+                       label=f"{m['mode']} (OOM)")
+            any_point = True
+    env = rep.get("environment") or {}
+    if env.get("gpu_memory_gib"):
+        ax.axhline(env["gpu_memory_gib"], color="k", ls="--", lw=1, label="GPU memory")
+    if not any_point:
+        ax.text(0.5, 0.5, "n/a (no probe measured memory)", transform=ax.transAxes,
+                ha="center")
+    ax.set_xlabel("batch size (image pairs)")
+    ax.set_ylabel("peak allocated (GiB)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Peak memory vs batch size\n{env.get('gpu') or 'no GPU'} - "
+                 f"{rep['settings']['arch']}, {rep['settings']['image_size']} px", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def write_outputs(rep: dict, out: str) -> None:
+    render_plot(rep, os.path.join(out, "memory_vs_batch.png"))
+    _io.atomic_write_json(os.path.join(out, "maxbatch.json"), rep)
+    _io.atomic_write_text(os.path.join(out, "maxbatch.md"), render_markdown(rep))

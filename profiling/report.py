@@ -1,0 +1,846 @@
+"""Reports from profile.json files: report.md, report.json and PNG plots (matplotlib, Agg).
+
+Input: one ``RunResult`` per trainer run (its profile.json, or why there is none). Output, all
+written atomically into one directory:
+
+- ``report.json`` (schema ``blockwise.report/1``): header (GPU, driver, versions, settings), per run
+  the derived metrics, per-block and per-phase figures, and every table as rows of numbers with
+  its ratio columns and the baseline values they were divided by;
+- ``report.md``: the same tables for a paper, units in the headers, "n/a (reason)" where a figure
+  was not measured (never 0), the method notes;
+- ``peak_memory.png``, ``throughput.png``, ``energy_per_image.png``, ``power_trace.png``.
+
+Per-image cost of sequential mode: it trains one block per step (block k's step runs the frozen
+blocks 1..k-1 forward without gradients, then trains block k), so its whole-run throughput mixes
+blocks and is not comparable with e2e's. The report gives it per block, and as "all 4 blocks, one
+pass each": the sum over blocks of (time or energy of block k's measured steps) / (image pairs in
+them), i.e. the cost of training every block once on each image, the unit e2e and simultaneous
+pay per image.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from profiling import _io
+from profiling.profiler import SCHEMA as PROFILE_SCHEMA
+
+REPORT_SCHEMA = "blockwise.report/1"
+BASELINE_MODE = "e2e"
+PLOTS = ("peak_memory.png", "throughput.png", "energy_per_image.png", "power_trace.png")
+PHASES = ("forward", "head", "backward", "optimizer")
+_BLOCK = re.compile(r"^block(\d+)$")
+
+
+@dataclass
+class RunResult:
+    """One trainer run as the report sees it."""
+
+    label: str
+    run_dir: str
+    profile: Optional[dict] = None
+    status: str = "ok"  # ok | oom | failed | missing
+    error: Optional[str] = None
+    mode: Optional[str] = None
+    fused: Optional[bool] = None
+    exit_code: Optional[int] = None
+    wall_s: Optional[float] = None
+    command: Optional[List[str]] = None
+
+    def __post_init__(self):
+        meta = (self.profile or {}).get("meta") or {}
+        if self.mode is None:
+            self.mode = meta.get("mode")
+        if self.fused is None and "fused" in meta:
+            self.fused = bool(meta["fused"])
+
+
+def load_profile(path: str) -> dict:
+    """Read and check a profile.json (ValueError naming the file when it is not one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            p = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(p, dict) or p.get("schema") != PROFILE_SCHEMA:
+        raise ValueError(f"{path} is not a {PROFILE_SCHEMA} profile (schema "
+                         f"{p.get('schema') if isinstance(p, dict) else None!r})")
+    for key in ("meta", "environment", "run", "windows"):
+        if not isinstance(p.get(key), dict):
+            raise ValueError(f"{path}: missing or malformed {key!r}")
+    return p
+
+
+def load_run_dir(run_dir: str, label: Optional[str] = None) -> RunResult:
+    """A run directory written by ``python -m blockwise.train --profile``."""
+    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, "profile.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no profile.json in {run_dir} (was the run made with --profile?)")
+    profile = load_profile(path)
+    meta = profile["meta"]
+    if label is None:
+        label = str(meta.get("mode") or os.path.basename(os.path.abspath(run_dir)))
+        if "fused" in meta:
+            label += " (fused)" if meta["fused"] else ""
+    return RunResult(label=label, run_dir=os.path.dirname(path) or ".", profile=profile)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics derived from one profile
+# ----------------------------------------------------------------------------------------------
+def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _short(reason: Optional[str]) -> str:
+    """A few words for a table cell; the full reason goes under the table."""
+    if not reason:
+        return "not measured"
+    r = reason.lower()
+    for needle, short in (("device is cpu", "CPU run"), ("nvidia-ml-py", "no pynvml"),
+                          ("nvml could not", "no NVML"), ("cuda is not available", "no CUDA"),
+                          ("never entered", "not measured"), ("not supported", "not supported"),
+                          ("no gpu", "no GPU"), ("not readable", "not readable"),
+                          ("no rapl", "no RAPL"), ("run failed", "run failed"),
+                          ("out of memory", "OOM"), ("no e2e", "no e2e run"),
+                          ("not requested", "not requested"),
+                          ("segments", "no per-block segments")):
+        if needle in r:
+            return short
+    return reason if len(reason) <= 28 else reason[:25] + "..."
+
+
+def _segments_by_block(profile: dict) -> Optional[List[dict]]:
+    """Sequential: the measured segments of blocks 1..n in order, or None if not separable."""
+    segs = profile["run"].get("segments") or []
+    if not segs:
+        return None
+    labelled = {}
+    for s in segs:
+        m = _BLOCK.match(str(s.get("label") or ""))
+        if m:
+            labelled.setdefault(int(m.group(1)), []).append(s)
+    if labelled and sum(len(v) for v in labelled.values()) == len(segs):
+        out = []
+        for k in sorted(labelled):
+            group = labelled[k]
+            out.append(_merge_segments(group, f"block{k}"))
+        return out
+    if len(segs) >= 2:  # unlabelled: the trainer measures one segment per block, in order
+        return [_merge_segments([s], f"block{i + 1}") for i, s in enumerate(segs)]
+    return None
+
+
+def _merge_segments(group: List[dict], label: str) -> dict:
+    def total(key):
+        vals = [s.get(key) for s in group]
+        return sum(vals) if all(v is not None for v in vals) else None
+
+    def peak(key):
+        vals = [s.get(key) for s in group if s.get(key) is not None]
+        return max(vals) if vals else None
+
+    return {"label": label, "time_s": total("time_s"), "images": total("images"),
+            "energy_j": total("energy_j"), "cpu_energy_j": total("cpu_energy_j"),
+            "sampled_energy_j": total("sampled_energy_j"),
+            "peak_allocated_gib": peak("peak_allocated_gib"),
+            "peak_reserved_gib": peak("peak_reserved_gib"),
+            "short": any(s.get("short") for s in group),
+            "energy_unavailable": next((s.get("energy_unavailable") for s in group
+                                        if s.get("energy_unavailable")), None)}
+
+
+def _window_energy(w: dict, method: Optional[str]) -> Tuple[Optional[float], Optional[str]]:
+    """Energy of an aggregated window and where it comes from.
+
+    Windows shorter than the counter's ~100 ms update read whole updates or nothing, so a
+    window name most of whose windows are short takes the power-sampling integral when there is
+    one (no quantisation; its error is about one sample interval per boundary) and is marked.
+    """
+    energy = w.get("energy_j")
+    if energy is None:
+        return None, None
+    short, count = w.get("short_windows") or 0, w.get("count") or 1
+    if short == 0:
+        return energy, method or "counter"
+    if 2 * short > count and w.get("sampled_energy_j") is not None:
+        return w["sampled_energy_j"], f"power samples ({short}/{count} windows < 100 ms)"
+    return energy, f"{method or 'counter'}, {short}/{count} windows < 100 ms (estimate)"
+
+
+def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict], str]:
+    """(metrics, reasons for the None ones, per-block rows, how the per-image cost was computed).
+
+    Metric keys: images, time_s, throughput_img_s, time_per_image_ms, energy_per_image_j,
+    mean_power_w, cpu_energy_per_image_j, peak_allocated_gib, peak_reserved_gib, nvml_used_gib,
+    energy_method, oom_count, sampled_energy_per_image_j.
+    """
+    keys = ("images", "time_s", "throughput_img_s", "time_per_image_ms", "energy_per_image_j",
+            "mean_power_w", "cpu_energy_per_image_j", "peak_allocated_gib", "peak_reserved_gib",
+            "nvml_used_gib", "energy_method", "oom_count", "sampled_energy_per_image_j")
+    if r.profile is None:
+        why = r.error or f"run {r.status}"
+        if r.status == "oom":
+            why = "out of memory: " + (r.error or "")
+        elif r.status == "failed":
+            why = "run failed: " + (r.error or "")
+        return {k: None for k in keys}, {k: why for k in keys}, [], "no profile"
+    run = r.profile["run"]
+    unav = run.get("unavailable") or {}
+    e_reason = unav.get("energy") or "GPU energy not measured"
+    m_reason = unav.get("memory") or "memory not measured"
+    cpu_reason = run.get("cpu_energy_unavailable") or "CPU energy not measured"
+    met: Dict[str, Any] = {
+        "images": run.get("images"),
+        "time_s": run.get("time_s"),
+        "peak_allocated_gib": run.get("peak_allocated_gib"),
+        "peak_reserved_gib": run.get("peak_reserved_gib"),
+        "nvml_used_gib": run.get("nvml_used_gib"),
+        "energy_method": run.get("energy_method"),
+        "oom_count": run.get("oom_count"),
+        "mean_power_w": run.get("mean_power_w"),
+    }
+    per_block: List[dict] = []
+    basis = "run"
+    segs = _segments_by_block(r.profile) if r.mode == "sequential" else None
+    if r.mode == "sequential" and segs:
+        basis = f"sum over {len(segs)} blocks (one pass each)"
+        t_img = [_div(s["time_s"], s["images"]) for s in segs]
+        e_img = [_div(s["energy_j"], s["images"]) for s in segs]
+        c_img = [_div(s["cpu_energy_j"], s["images"]) for s in segs]
+        s_img = [_div(s["sampled_energy_j"], s["images"]) for s in segs]
+        met["time_per_image_ms"] = (1000.0 * sum(t_img)) if all(v is not None for v in t_img) \
+            else None
+        met["energy_per_image_j"] = sum(e_img) if all(v is not None for v in e_img) else None
+        met["cpu_energy_per_image_j"] = sum(c_img) if all(v is not None for v in c_img) else None
+        met["throughput_img_s"] = _div(1000.0, met["time_per_image_ms"])
+        met["sampled_energy_per_image_j"] = sum(s_img) if all(v is not None for v in s_img) \
+            else None
+        for s, t, e in zip(segs, t_img, e_img):
+            per_block.append({
+                "block": s["label"], "source": "measured segment",
+                "peak_allocated_gib": s["peak_allocated_gib"],
+                "peak_reserved_gib": s["peak_reserved_gib"],
+                "time_per_image_ms": None if t is None else 1000.0 * t,
+                "energy_per_image_j": e, "images": s["images"],
+                "energy_source": None if e is None else (
+                    run.get("energy_method") or "counter") + (", short segment" if s["short"]
+                                                               else ""),
+                "short": s["short"], "windows": None, "short_windows": None,
+                "energy_unavailable": s["energy_unavailable"] if e is None else None})
+    else:
+        images = run.get("images")
+        met["time_per_image_ms"] = None if _div(run.get("time_s"), images) is None else \
+            1000.0 * _div(run.get("time_s"), images)
+        met["throughput_img_s"] = run.get("throughput_img_s")
+        met["energy_per_image_j"] = run.get("energy_per_image_j")
+        met["cpu_energy_per_image_j"] = _div(run.get("cpu_energy_j"), images)
+        met["sampled_energy_per_image_j"] = _div(run.get("sampled_energy_j"), images)
+        if r.mode == "sequential":
+            basis = "run (segments not separable per block: NOT one pass per block)"
+        windows = r.profile.get("windows") or {}
+        for name in sorted((n for n in windows if _BLOCK.match(n)),
+                           key=lambda n: int(_BLOCK.match(n).group(1))):
+            w = windows[name]
+            energy, source = _window_energy(w, run.get("energy_method"))
+            per_block.append({
+                "block": name, "source": f"'{name}' windows",
+                "peak_allocated_gib": w.get("peak_allocated_gib"),
+                "peak_reserved_gib": w.get("peak_reserved_gib"),
+                "time_per_image_ms": None if _div(w.get("time_s_total"), images) is None
+                else 1000.0 * _div(w.get("time_s_total"), images),
+                "energy_per_image_j": _div(energy, images),
+                "energy_source": source,
+                "images": images, "short": None, "windows": w.get("count"),
+                "short_windows": w.get("short_windows"),
+                "energy_unavailable": e_reason if w.get("energy_j") is None else None})
+    reasons: Dict[str, str] = {}
+    for k in keys:
+        if met.get(k) is not None:
+            continue
+        if k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "oom_count"):
+            reasons[k] = m_reason if k != "nvml_used_gib" or unav.get("memory") else \
+                "NVML memory not measured"
+        elif k in ("energy_per_image_j", "mean_power_w", "energy_method",
+                   "sampled_energy_per_image_j"):
+            reasons[k] = e_reason
+        elif k == "cpu_energy_per_image_j":
+            reasons[k] = cpu_reason
+        else:
+            reasons[k] = "nothing measured" if not run.get("images") else "not measured"
+    return met, reasons, per_block, basis
+
+
+def phase_times(r: RunResult, basis_blocks: int) -> Dict[str, Optional[float]]:
+    """Time per image (ms) of each phase, summed over blocks: forward, head, backward, optimizer.
+
+    e2e windows: block<k>/forward, head, backward, optimizer; block modes: block<k>/<phase>.
+    Sequential ("one pass each") multiplies by the number of blocks: each block saw 1/n of the
+    image pairs (checked: equal segments, else n/a).
+    """
+    out: Dict[str, Optional[float]] = {p: None for p in PHASES}
+    if r.profile is None:
+        return out
+    windows = r.profile.get("windows") or {}
+    images = r.profile["run"].get("images")
+    if not images:
+        return out
+    scale = 1.0
+    if r.mode == "sequential":
+        segs = _segments_by_block(r.profile)
+        if not segs or len({s["images"] for s in segs}) != 1:
+            return out
+        scale = float(len(segs))
+    for phase in PHASES:
+        names = [n for n in windows if n == phase or re.match(rf"^block\d+/{phase}$", n)]
+        if names:
+            total = sum(windows[n]["time_s_total"] for n in names)
+            out[phase] = 1000.0 * total * scale / images
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+SUMMARY_COLUMNS = [
+    # key, header, format, ratio to e2e?
+    ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
+    ("peak_reserved_gib", "peak reserved (GiB)", "{:.2f}", True),
+    ("throughput_img_s", "throughput (img/s)", "{:.1f}", True),
+    ("time_per_image_ms", "time/img (ms)", "{:.3f}", True),
+    ("energy_per_image_j", "energy/img (J)", "{:.3f}", True),
+    ("mean_power_w", "mean power (W)", "{:.0f}", True),
+]
+DETAIL_COLUMNS = [
+    ("nvml_used_gib", "NVML used (GiB)", "{:.2f}", True),
+    ("cpu_energy_per_image_j", "CPU energy/img (J)", "{:.3f}", True),
+    ("sampled_energy_per_image_j", "sampled energy/img (J)", "{:.3f}", True),
+    ("images", "image pairs", "{:d}", False),
+    ("time_s", "measured time (s)", "{:.2f}", False),
+    ("oom_count", "OOMs", "{:d}", False),
+    ("energy_method", "energy method", "{}", False),
+]
+BLOCK_COLUMNS = [
+    ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
+    ("time_per_image_ms", "time/img (ms)", "{:.3f}", True),
+    ("energy_per_image_j", "energy/img (J)", "{:.4f}", True),
+    ("energy_source", "energy from", "{}", False),
+]
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if isinstance(value, float) and fmt == "{:d}":
+        fmt = "{:.0f}"
+    return fmt.format(value)
+
+
+def _ratio(v: Any, base: Any) -> Optional[float]:
+    if not isinstance(v, (int, float)) or not isinstance(base, (int, float)) or base == 0:
+        return None
+    return float(v) / float(base)
+
+
+def _build_table(title: str, columns, rows: List[Tuple[str, Dict[str, Any], Dict[str, str]]],
+                 baseline: Dict[str, Any], baseline_reason: str, ratio_header: str) -> dict:
+    """rows: (label, values, reasons). Adds <key>_vs_e2e = value / baseline[key]."""
+    cols = []
+    for key, header, fmt, ratio in columns:
+        cols.append({"key": key, "label": header, "format": fmt})
+        if ratio:
+            cols.append({"key": key + "_vs_e2e", "label": ratio_header, "format": "{:.2f}x",
+                         "ratio_of": key})
+    out_rows = []
+    for label, values, reasons in rows:
+        cells, na = {}, {}
+        for key, _header, _fmt_, ratio in columns:
+            cells[key] = values.get(key)
+            if cells[key] is None:
+                na[key] = reasons.get(key) or "not measured"
+            if ratio:
+                rk = key + "_vs_e2e"
+                cells[rk] = _ratio(values.get(key), baseline.get(key))
+                if cells[rk] is None:
+                    if values.get(key) is None:
+                        na[rk] = na[key]
+                    elif baseline.get(key) is None:
+                        na[rk] = baseline_reason if not baseline else (
+                            f"e2e {key} not measured")
+        out_rows.append({"label": label, "cells": cells, "na": na})
+    return {"title": title, "columns": cols, "rows": out_rows,
+            "baseline": {k: baseline.get(k) for k, *_ in columns}}
+
+
+def _md_table(table: dict, footnotes: List[str]) -> str:
+    head = "| run | " + " | ".join(c["label"] for c in table["columns"]) + " |"
+    sep = "|---|" + "|".join("---:" for _ in table["columns"]) + "|"
+    lines = [head, sep]
+    for row in table["rows"]:
+        cells = []
+        for c in table["columns"]:
+            v = row["cells"].get(c["key"])
+            if v is None:
+                reason = row["na"].get(c["key"]) or "not measured"
+                if reason not in footnotes:
+                    footnotes.append(reason)
+                cells.append(f"n/a ({_short(reason)})")
+            else:
+                cells.append(_fmt(v, c["format"]))
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def _header(runs: Sequence[RunResult]) -> dict:
+    envs = [r.profile["environment"] for r in runs if r.profile]
+    metas = [r.profile["meta"] for r in runs if r.profile]
+    meters = [r.profile.get("meters", {}).get("energy", {}) for r in runs if r.profile]
+    env = envs[0] if envs else {}
+    differs = sorted({k for e in envs[1:] for k in ("gpu", "driver", "torch", "hostname")
+                      if e.get(k) != env.get(k)})
+    settings_keys = ("arch", "image_size", "batch_size", "projector", "fused", "expander", "pool",
+                     "precision", "channels_last", "optimizer", "workers", "profile_warmup",
+                     "max_steps", "steps_per_block", "dataset", "device", "small_stem",
+                     "synthetic_augment", "world_size")
+    settings: Dict[str, Any] = {}
+    varying: Dict[str, list] = {}
+    for k in settings_keys:
+        vals = [m.get(k) for m in metas if k in m]
+        if not vals:
+            continue
+        uniq = []
+        for v in vals:
+            if v not in uniq:
+                uniq.append(v)
+        if len(uniq) == 1:
+            settings[k] = uniq[0]
+        else:
+            varying[k] = uniq
+    m0 = meters[0] if meters else {}
+    gpu = env.get("gpu") or ", ".join(g.get("name", "?") for g in env.get("nvml_gpus") or []) \
+        or None
+    return {
+        "gpu": gpu, "driver": env.get("driver"), "cuda": env.get("cuda"),
+        "torch": env.get("torch"), "triton": env.get("triton"), "python": env.get("python"),
+        "hostname": env.get("hostname"), "cpu": env.get("cpu"),
+        "gpu_memory_gib": env.get("gpu_memory_gib"),
+        "environment_differs": differs,
+        "settings": settings, "settings_per_run": varying,
+        "energy_method": m0.get("method"), "power_source": m0.get("power_source"),
+        "sample_interval_s": m0.get("sample_interval_s"),
+    }
+
+
+def _baseline(runs: Sequence[RunResult]) -> Optional[RunResult]:
+    """The e2e run without fused kernels if there is one, else the first e2e run."""
+    e2e = [r for r in runs if r.mode == BASELINE_MODE]
+    for r in e2e:
+        if r.fused is False:
+            return r
+    return e2e[0] if e2e else None
+
+
+def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
+                 title: str = "Blockwise vs end-to-end: memory, speed and energy") -> dict:
+    """The report as a dict (what report.json holds)."""
+    if not runs:
+        raise ValueError("build_report needs at least one run")
+    base = _baseline(runs)
+    base_reason = "no e2e run in this report" if base is None else (
+        f"e2e run {base.label!r} has no profile ({base.status})" if base.profile is None else "")
+    entries = []
+    for r in runs:
+        met, reasons, per_block, basis = run_metrics(r)
+        entries.append({"label": r.label, "mode": r.mode, "fused": r.fused, "run_dir": r.run_dir,
+                        "status": r.status, "error": r.error, "exit_code": r.exit_code,
+                        "wall_s": r.wall_s, "command": r.command, "metrics": met,
+                        "na": reasons, "per_block": per_block, "per_image_basis": basis,
+                        "phases_ms_per_image": phase_times(r, len(per_block)),
+                        "windows": (r.profile or {}).get("windows") or {}})
+    base_entry = next((e for e, r in zip(entries, runs) if r is base), None)
+    base_met = base_entry["metrics"] if base_entry else {}
+
+    def label_of(e):
+        if e["mode"] == "sequential" and e["per_image_basis"].startswith("sum over"):
+            return f"{e['label']} (all 4 blocks, one pass each)"
+        return e["label"]
+
+    rows = [(label_of(e), e["metrics"], e["na"]) for e in entries]
+    tables = {
+        "summary": _build_table("Summary (measured steps only)", SUMMARY_COLUMNS, rows, base_met,
+                                base_reason or "no e2e run", "x e2e"),
+        "detail": _build_table("Detail", DETAIL_COLUMNS, rows, base_met,
+                               base_reason or "no e2e run", "x e2e"),
+    }
+    block_rows = []
+    for e in entries:
+        for b in e["per_block"]:
+            reasons = {k: (b.get("energy_unavailable") if k == "energy_per_image_j" else
+                           e["na"].get(k.replace("time_per_image_ms", "time_s")))
+                       for k, *_ in BLOCK_COLUMNS}
+            block_rows.append((f"{e['label']} {b['block']}", b, reasons))
+    tables["per_block"] = _build_table(
+        "Per block (ratio to the whole e2e step)", BLOCK_COLUMNS, block_rows, base_met,
+        base_reason or "no e2e run", "x e2e step")
+    phase_cols = [(p, f"{p} (ms/img)", "{:.3f}", True) for p in PHASES]
+    phase_rows = [(label_of(e), e["phases_ms_per_image"],
+                   {p: "no such windows in this run" for p in PHASES}) for e in entries]
+    tables["phases"] = _build_table(
+        "Time per phase, summed over blocks", phase_cols, phase_rows,
+        base_entry["phases_ms_per_image"] if base_entry else {}, base_reason or "no e2e run",
+        "x e2e")
+    return {
+        "schema": REPORT_SCHEMA,
+        "title": title,
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "header": _header(runs),
+        "baseline": base.label if base else None,
+        "baseline_reason": base_reason or None,
+        "runs": entries,
+        "tables": tables,
+        "plots": list(PLOTS),
+        "notes": _notes(runs, base),
+    }
+
+
+def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
+    notes = [
+        "An image is one training example: a pair of augmented views (two forward passes). "
+        "Only the measured steps count (after the warm-up steps); each run was a fresh process.",
+        "Peak allocated: PyTorch's caching allocator, tensors only (max_memory_allocated over "
+        "the measured steps); peak reserved: the allocator's segments; NVML used: device memory "
+        "in use by all processes incl. the CUDA context, read at the end of each measured "
+        "segment.",
+        "Energy: NVML's total-energy counter (mJ) read after a device synchronize at both ends "
+        "of each window (or, where the counter is unsupported, the trapezoid integral of power "
+        "samples); GPU only, the CPU (RAPL) column is separate. Windows shorter than the "
+        "counter's ~100 ms update are flagged as short; per-window energies of short windows are "
+        "estimates (their sum over many windows is unbiased).",
+        "Every window boundary synchronizes the device, so instrumented throughput can be a few "
+        "percent below an uninstrumented run.",
+        "Sequential mode trains one block per step (block k's step also runs the frozen blocks "
+        "1..k-1 forward). Its per-image time and energy are reported per block and as 'all 4 "
+        "blocks, one pass each' = sum over blocks of (block k's measured time or energy) / "
+        "(image pairs in block k's measured steps): the cost of training every block once on "
+        "each image, comparable with one e2e step per image. Its throughput is 1 / that time.",
+        "Ratios ('x e2e') divide by the baseline run: "
+        + (f"{base.label!r}." if base else "none (no e2e run), so ratios are n/a."),
+    ]
+    if any(r.profile and r.profile["run"].get("energy_method") == "sampling" for r in runs):
+        notes.append("At least one run measured energy by power sampling (the total-energy "
+                     "counter was not supported).")
+    return notes
+
+
+def render_markdown(rep: dict) -> str:
+    h = rep["header"]
+    out = [f"# {rep['title']}", ""]
+    gpu = h.get("gpu") or "no GPU (CPU run)"
+    mem = f", {h['gpu_memory_gib']:.1f} GiB" if h.get("gpu_memory_gib") else ""
+    out.append(f"**GPU** {gpu}{mem}; **driver** {h.get('driver') or 'n/a'}; "
+               f"**CUDA** {h.get('cuda') or 'n/a'}; **torch** {h.get('torch')}; "
+               f"**triton** {h.get('triton') or 'n/a'}; **python** {h.get('python')}; "
+               f"**CPU** {h.get('cpu') or 'n/a'}; **host** {h.get('hostname')}.")
+    s = h.get("settings") or {}
+    if s:
+        out.append("")
+        out.append("**Settings** " + "; ".join(f"{k} {v}" for k, v in s.items()) + ".")
+    if h.get("settings_per_run"):
+        out.append("")
+        out.append("**Varies per run** " + "; ".join(
+            f"{k}: {', '.join(map(str, v))}" for k, v in h["settings_per_run"].items()) + ".")
+    method = h.get("energy_method") or "not measured"
+    power = h.get("power_source")
+    interval = h.get("sample_interval_s")
+    out.append("")
+    out.append(f"**Energy** method {method}" + (f"; power trace from NVML {power} power every "
+                                                f"{1000 * interval:.0f} ms" if power and interval
+                                                else "") + ".")
+    if h.get("environment_differs"):
+        out.append("")
+        out.append("**Warning**: runs differ in " + ", ".join(h["environment_differs"]) + ".")
+    if rep.get("command"):
+        out += ["", f"Produced by `{rep['command']}` at {rep['created_utc']}."]
+    failed = [r for r in rep["runs"] if r["status"] != "ok"]
+    for r in failed:
+        out += ["", f"**{r['label']}: {r['status']}** (exit code {r['exit_code']}): "
+                    f"{(r['error'] or '').strip()[:300]}"]
+    footnotes: List[str] = []
+    sections = [("summary", "## Summary"), ("per_block", "## Per block"),
+                ("phases", "## Time per phase"), ("detail", "## Detail")]
+    for key, heading in sections:
+        t = rep["tables"][key]
+        out += ["", heading, "", f"*{t['title']}*", "", _md_table(t, footnotes)]
+        if key == "summary":
+            out += ["", "![peak memory](peak_memory.png)", "",
+                    "![throughput](throughput.png)", "",
+                    "![energy per image](energy_per_image.png)"]
+        if key == "per_block":
+            basis = [f"{r['label']}: {r['per_image_basis']}" for r in rep["runs"]
+                     if r["mode"] == "sequential"]
+            if basis:
+                out += ["", "Sequential per-image basis: " + "; ".join(basis) + "."]
+    out += ["", "## Power", "", "![power trace](power_trace.png)"]
+    out += ["", "## Windows per run", ""]
+    for r in rep["runs"]:
+        out += _md_windows(r, rep, footnotes)
+    if footnotes:
+        out += ["", "## Not measured", ""]
+        out += [f"- n/a ({_short(f)}): {f}" for f in footnotes]
+    out += ["", "## How this was measured", ""] + [f"- {n}" for n in rep["notes"]]
+    return "\n".join(out) + "\n"
+
+
+def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
+    if not r["windows"]:
+        return [f"**{r['label']}**: no measured windows.", ""]
+    base = next((e for e in rep["runs"] if e["label"] == rep["baseline"]), None)
+    base_w = base["windows"] if base else {}
+    lines = [f"**{r['label']}**", "",
+             "| window | count | mean (ms) | x e2e (same window) | total (s) | energy (J) | "
+             "peak allocated (GiB) | windows < 100 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    e_reason = r["na"].get("energy_per_image_j") or "GPU energy not measured"
+    m_reason = r["na"].get("peak_allocated_gib") or "memory not measured"
+    for name, w in sorted(r["windows"].items(), key=lambda kv: (kv[0] != "step", kv[0])):
+        ratio = _ratio(w.get("time_s_mean"), (base_w.get(name) or {}).get("time_s_mean"))
+        cells = [name, str(w["count"]), f"{1000 * w['time_s_mean']:.2f}",
+                 f"{ratio:.2f}x" if ratio is not None else "n/a (no such e2e window)",
+                 f"{w['time_s_total']:.3f}"]
+        energy, source = _window_energy(w, r["metrics"].get("energy_method"))
+        e_fmt = "{:.2f}"
+        if source and source.startswith("power samples"):
+            e_fmt = "{:.2f} (sampled)"
+        elif source and "estimate" in source:
+            e_fmt = "~{:.2f}"
+        for v, reason, fmt in ((energy, e_reason, e_fmt),
+                               (w.get("peak_allocated_gib"), m_reason, "{:.2f}")):
+            if v is None:
+                if reason not in footnotes:
+                    footnotes.append(reason)
+                cells.append(f"n/a ({_short(reason)})")
+            else:
+                cells.append(fmt.format(v))
+        cells.append(f"{w.get('short_windows', 0)}/{w['count']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", "Energy of window names most of whose windows are shorter than the "
+                    "counter's update: '(sampled)' = power-sample integral, '~' = counter sum "
+                    "(an estimate).", ""]
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    _io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130,
+                                                   bbox_inches="tight"), suffix=".png")
+
+
+def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[str],
+          unit: str, fmt: str, color=None) -> None:
+    """Bars with their values; missing values get an 'n/a (reason)' label, no bar."""
+    xs = list(range(len(labels)))
+    top = max([v for v in values if v is not None] or [1.0])
+    for x, v, why in zip(xs, values, reasons):
+        if v is None:
+            ax.text(x, top * 0.02, f"n/a\n({_short(why)})", ha="center", va="bottom",
+                    fontsize=8, color="0.35")
+        else:
+            ax.bar(x, v, color=color or "C0", width=0.6)
+            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(unit)
+    ax.set_ylim(0, top * 1.18)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _suptitle(fig, rep: dict, what: str) -> None:
+    h = rep["header"]
+    s = h.get("settings") or {}
+    desc = ", ".join(str(x) for x in (s.get("arch"), s.get("image_size") and
+                                      f"{s['image_size']}px", s.get("batch_size") and
+                                      f"batch {s['batch_size']}", s.get("precision"))
+                     if x)
+    fig.suptitle(f"{what}\n{h.get('gpu') or 'CPU run'}" + (f" - {desc}" if desc else ""),
+                 fontsize=10)
+
+
+def render_plots(rep: dict, out_dir: str) -> List[str]:
+    plt = _plt()
+    runs = rep["runs"]
+    labels = [r["label"] for r in runs]
+    paths = []
+
+    # peak memory: per run, and per block
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    xs = list(range(len(runs)))
+    vals_a = [r["metrics"]["peak_allocated_gib"] for r in runs]
+    vals_r = [r["metrics"]["peak_reserved_gib"] for r in runs]
+    top = max([v for v in vals_a + vals_r if v is not None] or [1.0])
+    for x, a, rv, r in zip(xs, vals_a, vals_r, runs):
+        if a is None:
+            ax.text(x, top * 0.02, f"n/a\n({_short(r['na'].get('peak_allocated_gib'))})",
+                    ha="center", va="bottom", fontsize=8, color="0.35")
+            continue
+        ax.bar(x - 0.18, a, width=0.36, color="C0", label="allocated" if x == 0 or
+               "allocated" not in ax.get_legend_handles_labels()[1] else None)
+        ax.text(x - 0.18, a, f"{a:.1f}", ha="center", va="bottom", fontsize=7)
+        if rv is not None:
+            ax.bar(x + 0.18, rv, width=0.36, color="C1", label="reserved" if
+                   "reserved" not in ax.get_legend_handles_labels()[1] else None)
+            ax.text(x + 0.18, rv, f"{rv:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("peak memory (GiB)")
+    ax.set_ylim(0, top * 1.18)
+    ax.set_title("whole run", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    ax = axes[1]
+    block_runs = [r for r in runs if r["per_block"]]
+    base = next((r for r in runs if r["label"] == rep["baseline"]), None)
+    if block_runs:
+        nb = max(len(r["per_block"]) for r in block_runs)
+        width = 0.8 / len(block_runs)
+        any_bar = False
+        for i, r in enumerate(block_runs):
+            for j, b in enumerate(r["per_block"]):
+                v = b["peak_allocated_gib"]
+                x = j + (i - (len(block_runs) - 1) / 2) * width
+                if v is not None:
+                    ax.bar(x, v, width=width * 0.95, color=f"C{i + 2}",
+                           label=r["label"] if j == 0 else None)
+                    any_bar = True
+                else:
+                    ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.35")
+        if base and base["metrics"]["peak_allocated_gib"] is not None:
+            ax.axhline(base["metrics"]["peak_allocated_gib"], color="k", ls="--", lw=1,
+                       label=f"{base['label']} (whole step)")
+        ax.set_xticks(range(nb))
+        ax.set_xticklabels([f"block {j + 1}" for j in range(nb)])
+        ax.set_ylabel("peak allocated (GiB)")
+        ax.set_title("per block", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=8)
+        if not any_bar:
+            ax.text(0.5, 0.5, "n/a (" + _short(block_runs[0]["na"].get("peak_allocated_gib"))
+                    + ")", transform=ax.transAxes, ha="center")
+    else:
+        ax.text(0.5, 0.5, "no per-block windows", transform=ax.transAxes, ha="center")
+        ax.set_axis_off()
+    _suptitle(fig, rep, "Peak GPU memory")
+    p = os.path.join(out_dir, "peak_memory.png")
+    _save(fig, p)
+    plt.close(fig)
+    paths.append(p)
+
+    # throughput
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _bars(ax, labels, [r["metrics"]["throughput_img_s"] for r in runs],
+          [r["na"].get("throughput_img_s", "") for r in runs], "throughput (image pairs/s)",
+          "{:.0f}")
+    _suptitle(fig, rep, "Training throughput (sequential: all blocks, one pass each)")
+    p = os.path.join(out_dir, "throughput.png")
+    _save(fig, p)
+    plt.close(fig)
+    paths.append(p)
+
+    # energy per image; sequential stacked by block
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    vals = [r["metrics"]["energy_per_image_j"] for r in runs]
+    top = max([v for v in vals if v is not None] or [1.0])
+    for x, (r, v) in enumerate(zip(runs, vals)):
+        if v is None:
+            ax.text(x, top * 0.02, f"n/a\n({_short(r['na'].get('energy_per_image_j'))})",
+                    ha="center", va="bottom", fontsize=8, color="0.35")
+            continue
+        if r["mode"] == "sequential" and r["per_image_basis"].startswith("sum over"):
+            bottom = 0.0
+            for j, b in enumerate(r["per_block"]):
+                e = b["energy_per_image_j"] or 0.0
+                ax.bar(x, e, bottom=bottom, width=0.6, color=f"C{j}", alpha=0.85,
+                       label=f"sequential {b['block']}" if
+                       f"sequential {b['block']}" not in ax.get_legend_handles_labels()[1]
+                       else None)
+                bottom += e
+        else:
+            ax.bar(x, v, width=0.6, color="0.5")
+        ax.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("GPU energy per image pair (J)")
+    ax.set_ylim(0, top * 1.18)
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _suptitle(fig, rep, "GPU energy per image (sequential: stacked per block)")
+    p = os.path.join(out_dir, "energy_per_image.png")
+    _save(fig, p)
+    plt.close(fig)
+    paths.append(p)
+
+    # power trace, one panel per run
+    fig, axes = plt.subplots(len(runs), 1, figsize=(9, 1.9 * len(runs) + 0.8), squeeze=False)
+    for ax, r, run_prof in zip(axes[:, 0], runs, rep.get("_traces", [None] * len(runs))):
+        trace = run_prof
+        if not trace:
+            reason = r["na"].get("mean_power_w") or "no power samples"
+            ax.text(0.5, 0.5, f"{r['label']}: n/a ({_short(reason)})", transform=ax.transAxes,
+                    ha="center", va="center", fontsize=9, color="0.35")
+            ax.set_yticks([])
+            ax.set_xticks([])
+            continue
+        ax.plot(trace["t_s"], trace["power_w"], lw=0.8, color="C3")
+        for i, (a, b) in enumerate(trace.get("measured_s") or []):
+            ax.axvspan(a, b, color="C2", alpha=0.15, label="measured" if i == 0 else None)
+        ax.set_ylabel("power (W)")
+        ax.set_title(r["label"], fontsize=9, loc="left")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        if trace.get("measured_s"):
+            ax.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel("time since the profiler started (s)")
+    _suptitle(fig, rep, "GPU power (NVML samples; shaded: measured steps)")
+    fig.tight_layout()
+    p = os.path.join(out_dir, "power_trace.png")
+    _save(fig, p)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_report(runs: Sequence[RunResult], out_dir: str, command: Optional[str] = None,
+                 title: Optional[str] = None) -> dict:
+    """Build and write report.json, report.md and the plots into ``out_dir``; returns the dict."""
+    os.makedirs(out_dir, exist_ok=True)
+    rep = build_report(runs, command=command, **({"title": title} if title else {}))
+    rep["_traces"] = [(r.profile or {}).get("power_trace") for r in runs]
+    try:
+        render_plots(rep, out_dir)
+    finally:
+        rep.pop("_traces")
+    _io.atomic_write_json(os.path.join(out_dir, "report.json"), rep)
+    _io.atomic_write_text(os.path.join(out_dir, "report.md"), render_markdown(rep))
+    return rep
+

@@ -1,0 +1,377 @@
+"""Reports (compare / report / maxbatch): tables, ratios recomputed from report.json, plots,
+"n/a (reason)" never 0, failed runs, the search, the trainer command, and a real CPU compare."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+from profile_factory import make_profile
+from profiling import __main__ as cli
+from profiling.compare import parse_modes, run_trainer, trainer_command
+from profiling.maxbatch import render_markdown as maxbatch_md
+from profiling.maxbatch import search, write_outputs
+from profiling.report import PLOTS, RunResult, load_run_dir, write_report
+
+HAS_TRAINER = importlib.util.find_spec("blockwise.train") is not None
+
+
+def _png_ok(path):
+    import matplotlib.image
+
+    img = matplotlib.image.imread(path)
+    return img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def _runs(monkeypatch, tmp_path, modes=("e2e", "simultaneous", "sequential"), **kw):
+    runs = []
+    for i, mode in enumerate(modes):
+        d = tmp_path / "runs" / mode
+        # different speeds and powers per mode, so that ratios are not all 1
+        p = make_profile(monkeypatch, str(d / "profile.json"), mode, slow=1.0 + 0.3 * i,
+                         power_w=300.0 - 40 * i, **kw)
+        runs.append(RunResult(mode, str(d), p))
+    return runs
+
+
+def check_ratios(rep):
+    """Every ratio cell equals its value over the baseline value, and the baseline values are
+    the e2e run's own numbers."""
+    base = next(r for r in rep["runs"] if r["label"] == rep["baseline"])
+    checked = 0
+    for name, table in rep["tables"].items():
+        for key, bval in table["baseline"].items():
+            if name in ("summary", "detail", "per_block"):
+                assert bval == base["metrics"].get(key), (name, key)
+            elif name == "phases":
+                assert bval == base["phases_ms_per_image"][key]
+        for col in table["columns"]:
+            if "ratio_of" not in col:
+                continue
+            for row in table["rows"]:
+                v, b = row["cells"][col["ratio_of"]], table["baseline"][col["ratio_of"]]
+                got = row["cells"][col["key"]]
+                if v is None or b is None or b == 0:
+                    assert got is None and col["key"] in row["na"]
+                else:
+                    assert got == pytest.approx(v / b, rel=1e-12), (name, row["label"], col)
+                    checked += 1
+    return checked
+
+
+def test_report_tables_ratios_and_plots(monkeypatch, tmp_path):
+    runs = _runs(monkeypatch, tmp_path)
+    out = tmp_path / "report"
+    write_report(runs, str(out), command="test")
+    assert sorted(os.listdir(out)) == sorted(["report.md", "report.json", *PLOTS])
+    for png in PLOTS:
+        assert _png_ok(str(out / png)), png
+    rep = json.load(open(out / "report.json"))
+    assert rep["baseline"] == "e2e"
+    assert check_ratios(rep) > 40
+    # e2e's own ratios are exactly 1
+    e2e_row = rep["tables"]["summary"]["rows"][0]
+    assert e2e_row["cells"]["throughput_img_s_vs_e2e"] == 1.0
+    # sequential: all 4 blocks, one pass each = sum over blocks, recomputed from profile.json
+    seq_prof = runs[2].profile
+    segs = seq_prof["run"]["segments"]
+    assert [s["label"] for s in segs] == ["block1", "block2", "block3", "block4"]
+    seq = next(r for r in rep["runs"] if r["mode"] == "sequential")
+    assert seq["metrics"]["time_per_image_ms"] == pytest.approx(
+        1000 * sum(s["time_s"] / s["images"] for s in segs))
+    assert seq["metrics"]["energy_per_image_j"] == pytest.approx(
+        sum(s["energy_j"] / s["images"] for s in segs))
+    assert seq["metrics"]["throughput_img_s"] == pytest.approx(
+        1000.0 / seq["metrics"]["time_per_image_ms"])
+    assert seq["metrics"]["peak_allocated_gib"] == max(s["peak_allocated_gib"] for s in segs)
+    assert len(seq["per_block"]) == 4
+    # simultaneous per block: its block<k> windows over the run's image pairs
+    sim = next(r for r in rep["runs"] if r["mode"] == "simultaneous")
+    w1 = runs[1].profile["windows"]["block1"]
+    assert sim["per_block"][0]["time_per_image_ms"] == pytest.approx(
+        1000 * w1["time_s_total"] / runs[1].profile["run"]["images"])
+    md = open(out / "report.md").read()
+    for text in ("## Summary", "## Per block", "| e2e |", "all 4 blocks, one pass each",
+                 "x e2e", "Fake H100 80GB", "peak_memory.png", "power_trace.png",
+                 "## How this was measured"):
+        assert text in md, text
+
+
+def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
+    runs = _runs(monkeypatch, tmp_path, gpu=False)
+    out = tmp_path / "report"
+    rep = write_report(runs, str(out))
+    for png in PLOTS:
+        assert _png_ok(str(out / png))
+    for row in rep["tables"]["summary"]["rows"]:
+        for key in ("peak_allocated_gib", "energy_per_image_j", "mean_power_w"):
+            assert row["cells"][key] is None and "cpu" in row["na"][key].lower()
+        assert row["cells"]["throughput_img_s"] > 0  # time is measured on CPU too
+    check_ratios(rep)
+    md = open(out / "report.md").read()
+    assert "n/a (CPU run)" in md
+    summary = md.split("## Summary")[1].split("## Per block")[0]
+    for line in summary.splitlines():
+        if line.startswith("| e2e") or line.startswith("| sequential"):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            assert cells[1].startswith("n/a") and cells[9].startswith("n/a"), cells
+            assert "0.00" not in (cells[1], cells[3], cells[9], cells[11])
+    assert "## Not measured" in md and "device is cpu" in md
+
+
+def test_no_e2e_and_failed_runs(monkeypatch, tmp_path):
+    runs = _runs(monkeypatch, tmp_path, modes=("simultaneous", "sequential"))
+    runs.append(RunResult("e2e", str(tmp_path / "runs" / "e2e"), None, status="oom",
+                          mode="e2e", exit_code=3, error="out of memory: tried 20 GiB"))
+    rep = write_report(runs, str(tmp_path / "report"))
+    assert rep["baseline"] == "e2e"
+    for row in rep["tables"]["summary"]["rows"]:
+        assert row["cells"]["peak_allocated_gib_vs_e2e"] is None
+    md = open(tmp_path / "report" / "report.md").read()
+    assert "**e2e: oom** (exit code 3)" in md and "n/a (OOM)" in md
+    rep2 = write_report(runs[:2], str(tmp_path / "report2"))
+    assert rep2["baseline"] is None
+    row = rep2["tables"]["summary"]["rows"][0]
+    assert row["cells"]["throughput_img_s_vs_e2e"] is None
+    assert "no e2e run" in row["na"]["throughput_img_s_vs_e2e"]
+
+
+def test_baseline_is_unfused_e2e(monkeypatch, tmp_path):
+    runs = []
+    for fused in (True, False):
+        d = tmp_path / f"e2e-{fused}"
+        p = make_profile(monkeypatch, str(d / "profile.json"), "e2e", fused=fused,
+                         slow=0.8 if fused else 1.0)
+        runs.append(RunResult(f"e2e ({'fused' if fused else 'unfused'})", str(d), p))
+    rep = write_report(runs, str(tmp_path / "r"))
+    assert rep["baseline"] == "e2e (unfused)"
+    assert rep["header"]["settings_per_run"]["fused"] == [True, False]
+    assert check_ratios(rep) > 0
+
+
+def test_report_cli(monkeypatch, tmp_path, capsys):
+    runs = _runs(monkeypatch, tmp_path, modes=("e2e", "sequential"))
+    out = tmp_path / "cli"
+    assert cli.main(["report", runs[0].run_dir, runs[1].run_dir, "--out", str(out)]) == 0
+    rep = json.load(open(out / "report.json"))
+    assert [r["label"] for r in rep["runs"]] == ["e2e (unfused)", "sequential (unfused)"] or \
+        [r["mode"] for r in rep["runs"]] == ["e2e", "sequential"]
+    assert rep["command"].startswith("python -m profiling report")
+    assert cli.main(["report", runs[0].run_dir]) == 0  # one dir: report goes into it
+    assert os.path.isfile(os.path.join(runs[0].run_dir, "report.md"))
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "no profile.json" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "profile.json").write_text('{"schema": "other"}')
+    with pytest.raises(ValueError, match="not a blockwise.profile/1 profile"):
+        load_run_dir(str(bad))
+    assert cli.main(["report", runs[0].run_dir, runs[1].run_dir]) == 2  # needs --out
+
+
+# -- compare: command lines and process outcomes -------------------------------------------------
+def test_trainer_command():
+    seq = trainer_command("sequential", run_dir="/r", arch="resnet18", image_size=32,
+                          batch_size=16, steps=3, warmup=2, fused=False, projector="32-32",
+                          device="cpu", extra=["--workers", "0"], python="py")
+    assert seq[:3] == ["py", "-m", "blockwise.train"]
+    s = " ".join(seq)
+    for frag in ("--mode sequential", "--steps-per-block 5", "--profile-warmup 2",
+                 "--synthetic-size 80", "--no-fused", "--projector 32-32", "--device cpu",
+                 "--dataset synthetic", "--probe-epochs 0", "--out /r", "--profile"):
+        assert frag in s, frag
+    assert "--max-steps" not in s and seq[-2:] == ["--workers", "0"]
+    e2e = " ".join(trainer_command("e2e", run_dir="/r", arch="resnet50", image_size=224,
+                                   batch_size=256, steps=20, warmup=5, fused=True))
+    assert "--max-steps 25" in e2e and "--fused" in e2e.split() and "--steps-per-block" not in e2e
+    with pytest.raises(ValueError, match="valid: e2e, simultaneous, sequential"):
+        trainer_command("blockwise", run_dir="/r", arch="a", image_size=32, batch_size=8,
+                        steps=1, warmup=0, fused=False)
+    with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
+        trainer_command("e2e", run_dir="/r", arch="a", image_size=32, batch_size=8, steps=0,
+                        warmup=0, fused=False)
+    assert parse_modes("e2e, sequential") == ["e2e", "sequential"]
+    with pytest.raises(ValueError, match="unknown"):
+        parse_modes("e2e,bogus")
+
+
+@pytest.mark.parametrize("code, status", [
+    ("print('out of memory: CUDA out of memory. Tried to allocate 2 GiB'); raise SystemExit(3)",
+     "oom"),
+    ("print('Traceback: boom'); raise SystemExit(1)", "failed"),
+    ("print('done')", "failed"),  # exit 0 but no profile.json
+])
+def test_run_trainer_classifies_outcomes(tmp_path, code, status):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stale.txt").write_text("from an earlier run")
+    res = run_trainer([sys.executable, "-c", code], str(run_dir), str(tmp_path / "run.log"),
+                      60.0, "x", "e2e", False)
+    assert res.status == status and res.profile is None
+    assert not (run_dir / "stale.txt").exists()  # the stale run dir was cleared first
+    if status == "oom":
+        assert res.exit_code == 3 and "Tried to allocate" in res.error
+    else:
+        assert res.error
+    assert "$ " in open(tmp_path / "run.log").read()
+
+
+def test_run_trainer_loads_profile(monkeypatch, tmp_path):
+    src = tmp_path / "src" / "profile.json"
+    make_profile(monkeypatch, str(src), "e2e")
+    run_dir = tmp_path / "run"
+    code = (f"import shutil, os; os.makedirs({str(run_dir)!r}, exist_ok=True); "
+            f"shutil.copy({str(src)!r}, {str(run_dir / 'profile.json')!r})")
+    res = run_trainer([sys.executable, "-c", code], str(run_dir), str(tmp_path / "l.log"), 60.0,
+                      "e2e", "e2e", False)
+    assert res.status == "ok" and res.profile["run"]["images"] > 0
+
+
+# -- maxbatch --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("limit", [1, 31, 32, 100, 257, 1000, 5000, 100_000])
+def test_search_brackets_the_limit(limit):
+    calls = []
+
+    def probe(b):
+        calls.append(b)
+        return b <= limit
+
+    r = search(probe, start=256, max_batch=8192, granularity=32, max_probes=14)
+    assert len(calls) == len(set(calls)) <= 14, "no batch probed twice, probes capped"
+    lf, sf = r["largest_fitting"], r["smallest_failing"]
+    if limit < 32:
+        assert lf is None and sf == 32
+    elif limit >= 8192:
+        assert lf == 8192 and sf is None and r["capped"]
+    else:
+        assert lf <= limit < sf
+        assert r["resolution"] == sf - lf <= 32  # 14 probes are enough here
+        assert all(b % 32 == 0 for b in calls)
+
+
+def test_search_stops_at_max_probes():
+    calls = []
+    r = search(lambda b: calls.append(b) or b <= 700, start=256, max_batch=8192,
+               granularity=32, max_probes=4)
+    assert calls == [256, 512, 1024, 768]
+    assert (r["largest_fitting"], r["smallest_failing"]) == (512, 768)
+    assert r["resolution"] > 32
+    with pytest.raises(ValueError, match="granularity"):
+        search(lambda b: True, start=8, max_batch=16, granularity=32, max_probes=3)
+
+
+def test_maxbatch_outputs(tmp_path):
+    rep = {"command": "python -m profiling maxbatch --out x",
+           "settings": {"arch": "resnet50", "image_size": 224, "projector": "8192-8192-8192",
+                        "fused": False, "device": "cuda", "start": 256, "max_batch": 4096,
+                        "granularity": 64, "max_probes": 4, "steps_per_probe": 2,
+                        "extra_trainer_args": []},
+           "environment": {"gpu": "Fake H100", "gpu_memory_gib": 79.1, "driver": "1",
+                           "torch": "2", "triton": "3"},
+           "modes": [
+               {"mode": "e2e", "error": None, "largest_fitting": 384, "smallest_failing": 512,
+                "resolution": 128, "capped": False,
+                "probes": [{"batch": 256, "result": "fits", "peak_allocated_gib": 50.0},
+                           {"batch": 512, "result": "oom", "peak_allocated_gib": None},
+                           {"batch": 384, "result": "fits", "peak_allocated_gib": 74.0}]},
+               {"mode": "sequential", "error": None, "largest_fitting": 1024,
+                "smallest_failing": None, "resolution": None, "capped": True,
+                "probes": [{"batch": 1024, "result": "fits", "peak_allocated_gib": 60.0}]},
+               {"mode": "simultaneous", "error": "exit code 1", "largest_fitting": None,
+                "smallest_failing": None, "resolution": None, "capped": False, "probes": []}]}
+    write_outputs(rep, str(tmp_path))
+    assert _png_ok(str(tmp_path / "memory_vs_batch.png"))
+    md = open(tmp_path / "maxbatch.md").read()
+    assert "| e2e | 384 | 1.00x | 512 | 128 | 74.00 |" in md
+    assert "| sequential | 1024 (cap reached" in md and "2.67x" in md
+    assert "n/a (probe failed" in md
+    assert json.load(open(tmp_path / "maxbatch.json"))["modes"][0]["largest_fitting"] == 384
+    assert maxbatch_md(rep) == md
+
+
+# -- the real thing, on the CPU ------------------------------------------------------------------
+TINY = ["--arch", "resnet18", "--image-size", "8", "--batch-size", "4", "--steps", "2",
+        "--warmup", "1", "--projector", "16-16", "--device", "cpu"]
+
+
+@pytest.mark.skipif(not HAS_TRAINER, reason="blockwise.train not there yet")
+def test_compare_on_cpu(tmp_path):
+    out = tmp_path / "cmp"
+    rc = cli.main(["compare", "--modes", "e2e,simultaneous,sequential", *TINY, "--out", str(out),
+                   "--", "--workers", "0"])
+    logs = {p: open(out / "runs" / p).read()[-2000:] for p in os.listdir(out / "runs")
+            if p.endswith(".log")}
+    assert rc == 0, logs
+    rep = json.load(open(out / "report.json"))
+    assert [r["status"] for r in rep["runs"]] == ["ok"] * 3, logs
+    for png in PLOTS:
+        assert _png_ok(str(out / png)), png
+    assert check_ratios(rep) >= 6
+    rows = {r["label"]: r["cells"] for r in rep["tables"]["summary"]["rows"]}
+    assert rows["e2e"]["throughput_img_s"] > 0
+    assert rows["e2e"]["peak_allocated_gib"] is None  # CPU: n/a, not 0
+    seq = next(r for r in rep["runs"] if r["mode"] == "sequential")
+    assert len(seq["per_block"]) == 4 and seq["per_image_basis"].startswith("sum over 4")
+    for r in rep["runs"]:
+        assert r["metrics"]["images"] > 0
+        assert r["windows"]["step"]["count"] >= 2
+    md = open(out / "report.md").read()
+    assert "all 4 blocks, one pass each" in md and "n/a (CPU run)" in md
+
+
+FAKE_TRAINER = """#!{python}
+# Stands in for `python -m blockwise.train`: OOMs (exit 3) above a per-mode limit, else writes
+# the template profile with a peak memory proportional to the batch.
+import json, os, sys
+args = sys.argv[1:]
+assert args[:2] == ["-m", "blockwise.train"], args
+val = lambda flag: args[args.index(flag) + 1]
+batch, mode, out = int(val("--batch-size")), val("--mode"), val("--out")
+limit = {limits}[mode]
+if limit is None:
+    print("Traceback: something else broke")
+    sys.exit(1)
+if batch > limit:
+    print(f"out of memory: CUDA out of memory. Tried to allocate {{batch}} MiB")
+    sys.exit(3)
+p = json.load(open({template!r}))
+p["run"]["peak_allocated_gib"] = batch / 100.0
+p["meta"]["batch_size"] = batch
+os.makedirs(out, exist_ok=True)
+json.dump(p, open(os.path.join(out, "profile.json"), "w"))
+"""
+
+
+def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
+    template = tmp_path / "template" / "profile.json"
+    make_profile(monkeypatch, str(template), "e2e")
+    fake = tmp_path / "fake_python"
+    limits = {"e2e": 300, "sequential": 1000, "simultaneous": None}
+    fake.write_text(FAKE_TRAINER.format(python=sys.executable, limits=limits,
+                                        template=str(template)))
+    fake.chmod(0o755)
+    out = tmp_path / "mb"
+    rc = cli.main(["maxbatch", "--modes", "e2e,sequential,simultaneous", "--start", "256",
+                   "--granularity", "32", "--max-probes", "8", "--max-batch", "4096",
+                   "--python", str(fake), "--out", str(out), "--", "--workers", "0"])
+    assert rc == 1  # simultaneous failed for another reason than OOM
+    rep = json.load(open(out / "maxbatch.json"))
+    by_mode = {m["mode"]: m for m in rep["modes"]}
+    for mode in ("e2e", "sequential"):
+        m = by_mode[mode]
+        assert m["error"] is None
+        assert m["largest_fitting"] <= limits[mode] < m["smallest_failing"], m
+        assert m["resolution"] == 32
+        assert any(p["result"] == "oom" for p in m["probes"])
+        fitting = next(p for p in m["probes"] if p["batch"] == m["largest_fitting"])
+        assert fitting["peak_allocated_gib"] == pytest.approx(m["largest_fitting"] / 100.0)
+    assert by_mode["e2e"]["largest_fitting"] == 288 and by_mode["sequential"]["largest_fitting"] == 992
+    assert "exit code 1" in by_mode["simultaneous"]["error"]
+    assert rep["environment"]["gpu"] is None or isinstance(rep["environment"]["gpu"], str)
+    md = open(out / "maxbatch.md").read()
+    assert "| e2e | 288 | 1.00x | 320 | 32 |" in md and "| sequential | 992 | 3.44x |" in md
+    assert "n/a (probe failed" in md
+    assert _png_ok(str(out / "memory_vs_batch.png"))
+    log = open(out / "probes" / "e2e-b512.log").read()
+    assert "--workers 0" in log and "--max-steps 2" in log  # pass-through, 2 steps per probe

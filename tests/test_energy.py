@@ -351,3 +351,20 @@ def test_rapl_unreadable_and_absent(tmp_path):
 def test_rapl_on_this_machine_reads_or_explains():
     r = RaplReader()
     assert r.available or r.reason
+
+
+def test_boundaries_in_a_burst_share_one_counter_read(monkeypatch, clock):
+    fake = install(monkeypatch, FakeGPU(clock, 200.0))
+    m = meter(clock)
+    clock.advance(0.01)  # past the reading taken at construction
+    before = fake.calls
+    m.begin("block1")
+    m.begin("block1/forward")  # same instant: no second NVML call
+    assert fake.calls == before + 1
+    clock.advance(0.5)
+    m.end("block1/forward")
+    r = m.end("block1")
+    assert fake.calls == before + 2
+    assert r.energy_j == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="counter_reuse_s"):
+        meter(clock, counter_reuse_s=-1)

@@ -431,7 +431,16 @@ class EnergyMeter:
             if fid is not None and get is not None:
                 try:
                     v = get(handle, [fid])[0]
-                    if int(v.nvmlReturn) == 0 and _field_value(v) > 0:
+                    usage_mw = None
+                    try:
+                        usage_mw = float(nvml.nvmlDeviceGetPowerUsage(handle))
+                    except Exception:
+                        pass
+                    # sanity: the same quantity in the same unit (mW) as the averaged reading,
+                    # within a factor of 3 (they differ by the averaging only)
+                    plausible = usage_mw is None or usage_mw <= 0 or \
+                        1 / 3 <= _field_value(v) / usage_mw <= 3
+                    if int(v.nvmlReturn) == 0 and _field_value(v) > 0 and plausible:
                         def read_instant() -> float:
                             r = get(handle, [fid])[0]
                             if int(r.nvmlReturn) != 0:

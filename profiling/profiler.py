@@ -29,7 +29,6 @@ import importlib.metadata
 import platform
 import re
 import socket
-import sys
 from typing import Any, Dict, List, Optional
 
 from profiling import _io

@@ -185,16 +185,20 @@ def test_counter_and_sampling_measured_at_once_agree(monkeypatch, clock):
 
 def test_instant_power_field_preferred(monkeypatch, clock):
     install(monkeypatch, FakeGPU(clock, 100.0, counter_supported=False,
-                                 instant_power_w=lambda t: 400.0))
+                                 instant_power_w=lambda t: 250.0))
     m = meter(clock)
     assert m.power_source == "instant"
     with m.window("w") as w:
         clock.advance(1.0)
-    assert w.result.energy_j == pytest.approx(400.0)
+    assert w.result.energy_j == pytest.approx(250.0)
     m2 = meter(clock, power_source="usage")
     with m2.window("w") as w2:
         clock.advance(1.0)
     assert m2.power_source == "usage" and w2.result.energy_j == pytest.approx(100.0)
+    # an instant field in another unit (W instead of mW: 1000x off) is not trusted
+    install(monkeypatch, FakeGPU(clock, 100.0, counter_supported=False,
+                                 instant_power_w=lambda t: 0.1))
+    assert meter(clock).power_source == "usage"
 
 
 # -- unavailable states --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Fused Triton kernels for blockwise self-supervised learning, each with its PyTorch reference."""
 from kernels._runtime import INTERPRETER, triton_can_run_on
 from kernels.sqrt_pool import SqrtPool2d, sqrt_pool2d, sqrt_pool2d_ref
-from kernels.barlow_twins import barlow_twins_loss_ref
+from kernels.barlow_twins import BarlowTwinsLoss, barlow_twins_loss, barlow_twins_loss_ref
 
 __all__ = [
     "INTERPRETER",
@@ -10,4 +10,6 @@ __all__ = [
     "sqrt_pool2d",
     "SqrtPool2d",
     "barlow_twins_loss_ref",
+    "barlow_twins_loss",
+    "BarlowTwinsLoss",
 ]

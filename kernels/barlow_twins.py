@@ -2,11 +2,105 @@
 
 a = BN(z1), b = BN(z2) (batch statistics, biased variance, eps, no affine); C = a^T b / N;
 L = scale * [ sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2 ].
+
+Math
+----
+d_i = C_ii = (1/N) sum_n a_ni b_ni. Two ways to evaluate the loss, same value:
+
+* Gram (N x N) form. ||C||_F^2 = <a a^T, b b^T> / N^2, so with G_a = a a^T, G_b = b b^T:
+      L = scale * [ sum_i (d_i - 1)^2 + lambd (<G_a, G_b> / N^2 - sum_i d_i^2) ]
+      dL/da = scale * [ (1/N) b * v + (2 lambd / N^2) G_b a ],   v_i = 2 (1 - lambd) d_i - 2
+  and symmetrically for b (swap a <-> b, G_b -> G_a).
+* Cross (D x D) form. M = dL/dC = 2 scale m(C), m(C)_ij = lambd C_ij off the diagonal and
+  C_ii - 1 on it; dL/da = (1/N) b M^T, dL/db = (1/N) a M. C is evaluated in tiles that never
+  leave the chip (forward) or in row panels of at most 16 MiB (backward): no D x D buffer exists.
+
+BatchNorm backward (g = dL/da, x = a, r = 1/sqrt(var + eps) per feature):
+      dL/dz = r * (g - mean_n(g) - x * mean_n(g * x)).
+mean_n(g) is identically zero here: g is linear in the columns of b (resp. in b M^T) and every
+column of a BatchNorm output sums to zero, sum_n b_n = 0, so that term is dropped (exactly, not
+approximately: it is zero for every input, which gradcheck confirms). The projection term
+s2 = sum_n g * x is a D-vector: in the cross form s2_i = sum_j C_ij M_ij falls out of the forward
+tiles for free; in the Gram form it needs the finished column of G_b a, so the gradient is computed
+per column chunk into an fp32 scratch (at most 8 MiB per chunk, 16 MiB when both sides fit in one
+chunk) and finalised by a second, elementwise kernel.
+
+Kernels (Gram method, single process: 5 launches for forward + backward at N=256, D=8192)
+---------------------------------------------------------------------------------------
+1. ``_bt_stats_kernel``: one pass over z1 and z2 (Chan's parallel merge of per-tile centred sums,
+   robust to a large mean): per-feature mean and rstd of both inputs, d, and the on-diagonal part
+   of the loss. Nothing of size N x D is written: a and b are recomputed on load wherever they are
+   needed ((z - mean) * rstd is two flops per element, far cheaper than a round trip through
+   memory, and it keeps the peak memory at the floor).
+2. ``_bt_gram_fwd_kernel``: both N x N products in one pass over z (each program loads the same
+   rows of z1 and z2 and feeds two accumulators), upper-triangular tiles only (G is symmetric, the
+   lower triangle is a mirrored store), split over D when there are fewer tiles than
+   multiprocessors (then ``_bt_gram_reduce_kernel`` sums the split partials, with no atomics,
+   so results are deterministic). The epilogue writes the per-tile <G_a, G_b> partial of the loss.
+3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b) per column chunk, the pre-BN gradient g and the
+   per-row-tile partial sums of g * x in the epilogue; ``_bt_gram_finalize_kernel`` applies the
+   BatchNorm backward and writes dz in the input dtype.
+Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and G_a,
+G_b (two N x N fp32 buffers; they are what makes the backward a pair of matmuls instead of a
+recomputation of the forward). When the two sides are processed one after the other (large N),
+G_b is released as soon as dz1 is done, so the peak holds at most G_a, G_b, one gradient and a
+chunk of scratch, never all of them at once.
+
+Numerics
+--------
+All accumulation is fp32 (fp64 for fp64 inputs), the loss is returned in fp32 (fp64 for fp64).
+Forward dot operands: a, b rounded to the input dtype (bf16/fp16; fp32 inputs use IEEE fp32
+dots, not tf32). Backward dots (G_b a): G in fp32, a in fp32, ``input_precision="tf32"`` for 16-bit
+inputs. Why tf32 and not bf16 there: in the Gram form the gradient is a difference of two large
+terms when the two views are correlated (C near the identity: (1/N) b v ~ -(2 lambd / N) b and
+(2 lambd / N^2) G_b a ~ +(2 lambd / N) b), so operand rounding in G_b a is amplified. Emulated on
+CPU at N=256, D=8192 (float64 reference), gradient relative error: independent views 1.71e-3
+(bf16) vs 1.66e-3 (tf32), the bf16 rounding of the exact gradient alone being 1.66e-3;
+correlated views (rho=0.9) 1.4e-2 (bf16) vs 3.3e-3 (tf32), eager bf16 autocast 1.6e-2. tf32
+costs twice the bf16 rate on the backward matmuls; docs/performance.md has both measured.
+
+Distributed
+-----------
+With torch.distributed initialised (or ``group`` given) and a world size > 1, every rank gathers
+z1 and z2 (O(N D) communication, in the input dtype: the same bytes as gathering a and b), so the
+batch statistics and d are computed locally on the global batch (identical on every rank, no
+D-vector all-reduce needed in forward). Gram: each rank computes only its rows of G_a and G_b and
+all-reduces one scalar; in backward it computes the gradient of its own rows and all-reduces the
+D-vector s2 (the BatchNorm backward's projection term). Cross: the D x D tiles are recomputed on
+every rank (no communication at all after the gather); only the gradient is restricted to the own
+rows. The result equals the single-process loss on the concatenated batch (rank-major order).
+
+Gradient convention under DDP: the gradient returned for this rank's z1 and z2 is the gradient of
+the *global* loss with respect to this rank's rows (exactly what the official code gets from
+all-reducing C and from SyncBatchNorm). DistributedDataParallel then *averages* parameter
+gradients over ranks, so the parameters receive (1 / world_size) * dL/dtheta. The official Barlow
+Twins code accepts that factor (its learning rates are tuned with it); to get the exact gradient
+of the global loss instead, multiply the loss (or ``scale``) by the world size.
+
+Floor: flops min(8 N^2 D, 6 N D^2) over the measured bf16 matmul rate, bytes (z1, z2 read once,
+dz1, dz2 written once) over the measured copy rate; docs/performance.md holds the figures.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels._runtime import INTERPRETER, check_float, check_triton_device
+
+try:  # triton >= 3.0
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover
+    OutOfResources = RuntimeError
+
+_OP = "barlow_twins_loss"
+METHODS = ("auto", "gram", "cross")
 
 
 def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
@@ -30,3 +124,951 @@ def barlow_twins_loss_ref(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = _off_diagonal(c).pow(2).sum()
     return scale * (on_diag + lambd * off_diag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 -> nearest bf16 value (ties to even), kept in fp32. Only for Triton's interpreter
+    (3.8), whose fp32 -> bf16 cast truncates; compiled code rounds to nearest like this."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, OP: tl.constexpr, UPCAST: tl.constexpr):
+    """Round x to the dot operand dtype. UPCAST (interpreter, bf16): the interpreter runs tl.dot
+    on the raw uint16 bits of bf16 operands, so there we round to bf16 values held in fp32 and
+    multiply in fp32, which is what the tensor cores do (bf16 products are exact in fp32)."""
+    if UPCAST:
+        y = _round_bf16(x.to(tl.float32))
+    else:
+        y = x.to(OP)
+    return y
+
+
+@triton.jit
+def _to_output(x, out_ptr, EMU_BF16: tl.constexpr):
+    """Cast for the store into out_ptr's dtype, rounding to nearest (see _round_bf16)."""
+    if EMU_BF16:
+        x = _round_bf16(x.to(tl.float32))
+    return x.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _inv_sqrt(x, ACC: tl.constexpr):
+    """1 / sqrt(x) with an IEEE-rounded square root (tl.sqrt is approximate in fp32)."""
+    if ACC == tl.float64:
+        r = 1.0 / tl.sqrt(x)  # fp64 sqrt is always correctly rounded
+    else:
+        r = 1.0 / tl.sqrt_rn(x)
+    return r
+
+
+@triton.jit
+def _tile_coords(pid, T, SYM: tl.constexpr):
+    """(ti, tj) of tile pid: the upper triangle of a T x T tile grid, row-major, when SYM;
+    otherwise row-major over T columns."""
+    if SYM:
+        ti = pid * 0
+        rem = pid
+        while rem >= T - ti:
+            rem -= T - ti
+            ti += 1
+        tj = ti + rem
+    else:
+        ti = pid // T
+        tj = pid % T
+    return ti, tj
+
+
+@triton.jit
+def _bt_stats_kernel(
+    z1_ptr, z2_ptr,      # [N, D] inputs (the global batch), contiguous
+    mean_ptr, rstd_ptr,  # [2, D] out: per-feature mean and 1/sqrt(var + eps); row 0 z1, row 1 z2
+    d_ptr,               # [D] out: d_i = C_ii = (1/N) sum_n a_ni b_ni
+    part_ptr,            # [cdiv(D, BLOCK_D)] out: scale * sum_i [(d_i - 1)^2 - lambd d_i^2]
+    N, D, eps, lambd, scale,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    cnt = tl.zeros([BLOCK_D], ACC)
+    mean1 = tl.zeros([BLOCK_D], ACC)
+    mean2 = tl.zeros([BLOCK_D], ACC)
+    m2_1 = tl.zeros([BLOCK_D], ACC)
+    m2_2 = tl.zeros([BLOCK_D], ACC)
+    c12 = tl.zeros([BLOCK_D], ACC)
+    for start in range(0, N, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        mask = rmask[:, None] & cmask[None, :]
+        offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+        x = tl.load(z1_ptr + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(z2_ptr + offs, mask=mask, other=0.0).to(ACC)
+        nb = tl.sum(rmask.to(ACC), 0)
+        # Chan et al.'s pairwise update: centre each tile on its own mean, then merge. Robust to
+        # a mean far larger than the spread, unlike sum(x^2) - N mean^2.
+        tm1 = tl.sum(x, 0) / nb
+        tm2 = tl.sum(y, 0) / nb
+        dx = tl.where(mask, x - tm1[None, :], 0.0)
+        dy = tl.where(mask, y - tm2[None, :], 0.0)
+        n_new = cnt + nb
+        w = nb / n_new
+        f = cnt * w
+        del1 = tm1 - mean1
+        del2 = tm2 - mean2
+        mean1 += del1 * w
+        mean2 += del2 * w
+        m2_1 += tl.sum(dx * dx, 0) + del1 * del1 * f
+        m2_2 += tl.sum(dy * dy, 0) + del2 * del2 * f
+        c12 += tl.sum(dx * dy, 0) + del1 * del2 * f
+        cnt = n_new
+    # biased variance, like BatchNorm's normalisation
+    rstd1 = _inv_sqrt(m2_1 / cnt + eps, ACC)
+    rstd2 = _inv_sqrt(m2_2 / cnt + eps, ACC)
+    d = c12 / cnt * rstd1 * rstd2
+    tl.store(mean_ptr + cols, mean1, mask=cmask)
+    tl.store(mean_ptr + D + cols, mean2, mask=cmask)
+    tl.store(rstd_ptr + cols, rstd1, mask=cmask)
+    tl.store(rstd_ptr + D + cols, rstd2, mask=cmask)
+    tl.store(d_ptr + cols, d, mask=cmask)
+    on = tl.where(cmask, (d - 1.0) * (d - 1.0) - lambd * d * d, 0.0)
+    tl.store(part_ptr + pid, scale * tl.sum(on, 0))
+
+
+@triton.jit
+def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, slot, ti, tj, rows, cols, rmask, cmask,
+                N, coef, SYM: tl.constexpr):
+    """Store a tile of G_a and G_b (and its mirror image when SYM and off the diagonal) and the
+    tile's loss partial coef * w * sum(G_a * G_b), w = 2 for a mirrored tile."""
+    m = rmask[:, None] & cmask[None, :]
+    o = rows[:, None].to(tl.int64) * N + cols[None, :]
+    tl.store(ga_ptr + o, acc_a, mask=m)
+    tl.store(gb_ptr + o, acc_b, mask=m)
+    w = 1.0
+    if SYM:
+        if ti != tj:
+            ot = cols[:, None].to(tl.int64) * N + rows[None, :]
+            mt = cmask[:, None] & rmask[None, :]
+            tl.store(ga_ptr + ot, tl.trans(acc_a), mask=mt)
+            tl.store(gb_ptr + ot, tl.trans(acc_b), mask=mt)
+        w = 1.0 + (ti != tj).to(tl.float32)
+    tl.store(part_ptr + slot, coef * w * tl.sum(tl.sum(acc_a * acc_b, 1), 0))
+
+
+@triton.jit
+def _bt_gram_fwd_kernel(
+    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    ga_ptr, gb_ptr,       # [R, N] out (SPLIT == 1): rows row0..row0+R of a a^T and b b^T
+    part_ptr,             # SPLIT == 1: [tiles] out loss partials. SPLIT > 1: [splits, tiles, 2,
+                          # BM, BM] out partial tiles (summed by _bt_gram_reduce_kernel)
+    R, N, D, row0, k_split, n_tiles, coef,
+    SYM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    ti, tj = _tile_coords(pid, tl.cdiv(N, BM), SYM)
+    ar = tl.arange(0, BM)
+    rows = ti * BM + ar          # local row of G (row of this rank's block)
+    rmask = rows < R
+    zrows = row0 + rows          # global row of z
+    cols = tj * BM + ar
+    cmask = cols < N
+    k_lo = sid * k_split
+    k_hi = tl.minimum(D, k_lo + k_split)
+    acc_a = tl.zeros([BM, BM], ACC)
+    acc_b = tl.zeros([BM, BM], ACC)
+    for k in range(k_lo, k_hi, BK):
+        ks = k + tl.arange(0, BK)
+        kmask = ks < k_hi
+        ma = tl.load(mean_ptr + ks, mask=kmask, other=0.0)
+        ra = tl.load(rstd_ptr + ks, mask=kmask, other=0.0)
+        mb = tl.load(mean_ptr + D + ks, mask=kmask, other=0.0)
+        rb = tl.load(rstd_ptr + D + ks, mask=kmask, other=0.0)
+        mi = rmask[:, None] & kmask[None, :]
+        mj = cmask[:, None] & kmask[None, :]
+        oi = zrows[:, None].to(tl.int64) * D + ks[None, :]
+        oj = cols[:, None].to(tl.int64) * D + ks[None, :]
+        # BatchNorm on load; padded entries must be 0, not (0 - mean) * rstd
+        ai = tl.where(mi, (tl.load(z1_ptr + oi, mask=mi, other=0.0).to(ACC) - ma[None, :]) * ra[None, :], 0.0)
+        aj = tl.where(mj, (tl.load(z1_ptr + oj, mask=mj, other=0.0).to(ACC) - ma[None, :]) * ra[None, :], 0.0)
+        bi = tl.where(mi, (tl.load(z2_ptr + oi, mask=mi, other=0.0).to(ACC) - mb[None, :]) * rb[None, :], 0.0)
+        bj = tl.where(mj, (tl.load(z2_ptr + oj, mask=mj, other=0.0).to(ACC) - mb[None, :]) * rb[None, :], 0.0)
+        acc_a = tl.dot(_operand(ai, OP, UPCAST), tl.trans(_operand(aj, OP, UPCAST)), acc_a,
+                       input_precision=PREC)
+        acc_b = tl.dot(_operand(bi, OP, UPCAST), tl.trans(_operand(bj, OP, UPCAST)), acc_b,
+                       input_precision=PREC)
+    if SPLIT:
+        base = (sid * n_tiles + pid).to(tl.int64) * (2 * BM * BM)
+        o = ar[:, None] * BM + ar[None, :]
+        tl.store(part_ptr + base + o, acc_a)
+        tl.store(part_ptr + base + BM * BM + o, acc_b)
+    else:
+        _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rmask, cmask,
+                    N, coef, SYM)
+
+
+@triton.jit
+def _bt_gram_reduce_kernel(
+    split_ptr,            # [splits, tiles, 2, BM, BM] partial tiles from _bt_gram_fwd_kernel
+    ga_ptr, gb_ptr,       # [R, N] out: G_a, G_b rows of this rank
+    part_ptr,             # [tiles] out: loss partials
+    R, N, n_tiles, n_split, coef,
+    SYM: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    ti, tj = _tile_coords(pid, tl.cdiv(N, BM), SYM)
+    ar = tl.arange(0, BM)
+    o = ar[:, None] * BM + ar[None, :]
+    acc_a = tl.zeros([BM, BM], ACC)
+    acc_b = tl.zeros([BM, BM], ACC)
+    for s in range(0, n_split):  # fixed order: deterministic, unlike atomics
+        base = (s * n_tiles + pid).to(tl.int64) * (2 * BM * BM)
+        acc_a += tl.load(split_ptr + base + o)
+        acc_b += tl.load(split_ptr + base + BM * BM + o)
+    rows = ti * BM + ar
+    cols = tj * BM + ar
+    _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rows < R,
+                cols < N, N, coef, SYM)
+
+
+@triton.jit
+def _bt_gram_bwd_kernel(
+    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    d_ptr,                # [D] diagonal of C
+    ga_ptr, gb_ptr,       # [R, N] G_a, G_b rows of this rank (side 0 reads gb, side 1 reads ga)
+    gl_ptr,               # [] upstream gradient of the loss
+    g_ptr,                # [sides, R, DC] out: pre-BatchNorm gradient of columns col0..col0+DC
+    s2_ptr,               # [2, TR, D] out: per-row-tile sums of g * x (x = a for side 0, b for 1)
+    R, N, D, row0, col0, DC, side0, TR,
+    c_diag, c_off, lambd,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GOP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    ps = tl.program_id(2)
+    side = side0 + ps
+    if side == 0:
+        x_ptr = z1_ptr
+        y_ptr = z2_ptr
+        gy_ptr = gb_ptr
+    else:
+        x_ptr = z2_ptr
+        y_ptr = z1_ptr
+        gy_ptr = ga_ptr
+    rows = pid_r * BM + tl.arange(0, BM)
+    rmask = rows < R
+    zrows = row0 + rows
+    cols = col0 + pid_c * BN + tl.arange(0, BN)
+    cmask = cols < tl.minimum(D, col0 + DC)
+    mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+    rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+    acc = tl.zeros([BM, BN], ACC)
+    for k in range(0, N, BK):  # W = G_y[rows, :] @ x[:, cols]
+        ks = k + tl.arange(0, BK)
+        kmask = ks < N
+        gt = tl.load(gy_ptr + rows[:, None].to(tl.int64) * N + ks[None, :],
+                     mask=rmask[:, None] & kmask[None, :], other=0.0)
+        mk = kmask[:, None] & cmask[None, :]
+        zx = tl.load(x_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], mask=mk, other=0.0)
+        xk = tl.where(mk, (zx.to(ACC) - mx[None, :]) * rx[None, :], 0.0)
+        acc = tl.dot(_operand(gt, GOP, UPCAST), _operand(xk, GOP, UPCAST), acc,
+                     input_precision=PREC)
+    gl = tl.load(gl_ptr).to(ACC)
+    dv = tl.load(d_ptr + cols, mask=cmask, other=0.0)
+    v = 2.0 * (1.0 - lambd) * dv - 2.0
+    my = tl.load(mean_ptr + (1 - side) * D + cols, mask=cmask, other=0.0)
+    ry = tl.load(rstd_ptr + (1 - side) * D + cols, mask=cmask, other=0.0)
+    m2 = rmask[:, None] & cmask[None, :]
+    o = zrows[:, None].to(tl.int64) * D + cols[None, :]
+    yv = tl.where(m2, (tl.load(y_ptr + o, mask=m2, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
+    xv = tl.where(m2, (tl.load(x_ptr + o, mask=m2, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
+    g = gl * (c_diag * yv * v[None, :] + c_off * acc)
+    g = tl.where(m2, g, 0.0)
+    og = (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :]
+    tl.store(g_ptr + og, g, mask=m2)
+    tl.store(s2_ptr + (side * TR + pid_r).to(tl.int64) * D + cols, tl.sum(g * xv, 0), mask=cmask)
+
+
+@triton.jit
+def _bt_gram_finalize_kernel(
+    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    g_ptr,                # [sides, R, DC] pre-BatchNorm gradient from _bt_gram_bwd_kernel
+    s2_ptr,               # [2, n_parts, D] partial sums of g * x (summed here)
+    dz1_ptr, dz2_ptr,     # [R, D] out: gradients of this rank's rows, in the input dtype
+    R, N, D, row0, col0, DC, side0, n_parts,
+    BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    ps = tl.program_id(2)
+    side = side0 + ps
+    if side == 0:
+        x_ptr = z1_ptr
+        dz_ptr = dz1_ptr
+    else:
+        x_ptr = z2_ptr
+        dz_ptr = dz2_ptr
+    rows = pid_r * BM + tl.arange(0, BM)
+    rmask = rows < R
+    cols = col0 + pid_c * BN + tl.arange(0, BN)
+    cmask = cols < tl.minimum(D, col0 + DC)
+    s2 = tl.zeros([BN], ACC)
+    for p in range(0, n_parts):
+        s2 += tl.load(s2_ptr + (side * n_parts + p).to(tl.int64) * D + cols, mask=cmask, other=0.0)
+    mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+    rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+    m2 = rmask[:, None] & cmask[None, :]
+    xv = (tl.load(x_ptr + (row0 + rows)[:, None].to(tl.int64) * D + cols[None, :], mask=m2,
+                  other=0.0).to(ACC) - mx[None, :]) * rx[None, :]
+    g = tl.load(g_ptr + (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :],
+                mask=m2, other=0.0)
+    dz = rx[None, :] * (g - xv * (s2 / N)[None, :])
+    tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
+             _to_output(dz, dz_ptr, EMU_BF16), mask=m2)
+
+
+@triton.jit
+def _bt_cross_tile_kernel(
+    x_ptr, y_ptr,         # [N, D] inputs: normalised columns of x index the rows of C, of y its columns
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    sx,                   # row of the statistics that belongs to x (0 or 1); y has 1 - sx
+    out_ptr,              # MODE 0: [TI * TJ] out loss partials. MODE 1: [P, D] out m(C) rows i0..
+    rowp_ptr, colp_ptr,   # MODE 0: [TJ, D], [TI, D] out partial sums of C * m(C) along j and i
+    N, D, i0, i_hi, lambd, scale,
+    MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
+    OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    ii = i0 + pid_i * BI + tl.arange(0, BI)
+    imask = ii < i_hi
+    jj = pid_j * BJ + tl.arange(0, BJ)
+    jmask = jj < D
+    mx = tl.load(mean_ptr + sx * D + ii, mask=imask, other=0.0)
+    rx = tl.load(rstd_ptr + sx * D + ii, mask=imask, other=0.0)
+    my = tl.load(mean_ptr + (1 - sx) * D + jj, mask=jmask, other=0.0)
+    ry = tl.load(rstd_ptr + (1 - sx) * D + jj, mask=jmask, other=0.0)
+    acc = tl.zeros([BI, BJ], ACC)
+    for n in range(0, N, BK):  # C tile = x[:, I]^T y[:, J], contraction over the batch
+        ns = n + tl.arange(0, BK)
+        nmask = ns < N
+        mi = nmask[:, None] & imask[None, :]
+        mj = nmask[:, None] & jmask[None, :]
+        on = ns[:, None].to(tl.int64) * D
+        xa = tl.where(mi, (tl.load(x_ptr + on + ii[None, :], mask=mi, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
+        yb = tl.where(mj, (tl.load(y_ptr + on + jj[None, :], mask=mj, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
+        acc = tl.dot(tl.trans(_operand(xa, OP, UPCAST)), _operand(yb, OP, UPCAST), acc,
+                     input_precision=PREC)
+    c = acc / N
+    diag = ii[:, None] == jj[None, :]
+    valid = imask[:, None] & jmask[None, :]
+    m = tl.where(valid, tl.where(diag, c - 1.0, lambd * c), 0.0)
+    if MODE == 0:
+        t = tl.where(diag, (c - 1.0) * (c - 1.0), lambd * c * c)
+        t = tl.where(valid, t, 0.0)
+        tl.store(out_ptr + pid_i * tl.num_programs(1) + pid_j, scale * tl.sum(tl.sum(t, 1), 0))
+        cm = c * m
+        tl.store(rowp_ptr + pid_j.to(tl.int64) * D + ii, tl.sum(cm, 1), mask=imask)
+        tl.store(colp_ptr + pid_i.to(tl.int64) * D + jj, tl.sum(cm, 0), mask=jmask)
+    else:
+        tl.store(out_ptr + (ii - i0)[:, None].to(tl.int64) * D + jj[None, :], m, mask=valid)
+
+
+@triton.jit
+def _bt_cross_grad_kernel(
+    x_ptr, y_ptr,         # [N, D] inputs: x is this side (its gradient is written), y the other
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    sx,                   # row of the statistics that belongs to x
+    panel_ptr,            # [P, D] m(C') for rows i0..i0+P of C' = x^T y / N
+    s2_ptr,               # [D] sum_j C'_ij m(C')_ij
+    gl_ptr,               # [] upstream gradient of the loss
+    dz_ptr,               # [R, D] out: gradient of this rank's rows of x, in the input dtype
+    R, N, D, row0, i0, i_hi, coef,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    GOP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    EMU_BF16: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BM + tl.arange(0, BM)
+    rmask = rows < R
+    zrows = (row0 + rows).to(tl.int64)
+    ii = i0 + pid_c * BN + tl.arange(0, BN)
+    imask = ii < i_hi
+    acc = tl.zeros([BM, BN], ACC)
+    for j in range(0, D, BK):  # g[rows, I] = (1/N) y[rows, :] @ M[I, :]^T
+        js = j + tl.arange(0, BK)
+        jmask = js < D
+        my = tl.load(mean_ptr + (1 - sx) * D + js, mask=jmask, other=0.0)
+        ry = tl.load(rstd_ptr + (1 - sx) * D + js, mask=jmask, other=0.0)
+        my_ = rmask[:, None] & jmask[None, :]
+        yt = tl.where(my_, (tl.load(y_ptr + zrows[:, None] * D + js[None, :], mask=my_, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
+        mt = tl.load(panel_ptr + (ii - i0)[:, None].to(tl.int64) * D + js[None, :],
+                     mask=imask[:, None] & jmask[None, :], other=0.0)
+        acc = tl.dot(_operand(yt, GOP, UPCAST), tl.trans(_operand(mt, GOP, UPCAST)), acc,
+                     input_precision=PREC)
+    gl = tl.load(gl_ptr).to(ACC)
+    g = (gl * coef / N) * acc
+    s2 = gl * coef * tl.load(s2_ptr + ii, mask=imask, other=0.0)
+    mx = tl.load(mean_ptr + sx * D + ii, mask=imask, other=0.0)
+    rx = tl.load(rstd_ptr + sx * D + ii, mask=imask, other=0.0)
+    m2 = rmask[:, None] & imask[None, :]
+    xv = (tl.load(x_ptr + zrows[:, None] * D + ii[None, :], mask=m2, other=0.0).to(ACC) - mx[None, :]) * rx[None, :]
+    dz = rx[None, :] * (g - xv * (s2 / N)[None, :])
+    tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + ii[None, :],
+             _to_output(dz, dz_ptr, EMU_BF16), mask=m2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float64: tl.float64}
+_SCRATCH_BYTES = 8 << 20        # gram backward: fp32 gradient scratch per column chunk
+_SCRATCH_BOTH_BYTES = 16 << 20  # ... both sides in one launch when the whole thing fits this
+_SPLIT_BYTES = 16 << 20         # gram forward: split-over-D partial tiles
+_PANEL_BYTES = 16 << 20         # cross backward: one row panel of m(C)
+_STATS_BLOCK_D = 64
+
+
+@dataclass(frozen=True)
+class _Precision:
+    """How the dots of one input dtype run (see the module docstring, Numerics)."""
+    op: object          # forward dot operand dtype
+    acc: object         # accumulator / statistics / scratch dtype
+    prec: str           # forward input_precision
+    gop: object         # backward dot operand dtype
+    gprec: str          # backward input_precision
+    upcast: bool        # interpreter: forward bf16 operands multiplied in fp32 (see _operand)
+    gupcast: bool       # ... backward ones
+    emu_bf16: bool      # interpreter: round-to-nearest emulated for bf16 stores
+    torch_acc: torch.dtype
+
+
+def _precision(dtype: torch.dtype, grad_dot: Optional[str] = None) -> _Precision:
+    if dtype == torch.float64:
+        return _Precision(tl.float64, tl.float64, "ieee", tl.float64, "ieee", False, False, False,
+                          torch.float64)
+    if dtype == torch.float32:
+        # IEEE fp32 dots: torch's own fp32 matmul does not use tf32 by default either.
+        return _Precision(tl.float32, tl.float32, "ieee", tl.float32, "ieee", False, False, False,
+                          torch.float32)
+    grad_dot = grad_dot or "tf32"
+    upcast = INTERPRETER and dtype == torch.bfloat16
+    if grad_dot == "tf32":
+        gop, gprec, gup = tl.float32, "tf32", False
+    elif grad_dot == "bf16":
+        gop, gprec, gup = tl.bfloat16, "ieee", INTERPRETER
+    else:
+        raise ValueError(f"{_OP}: grad_dot must be 'tf32' or 'bf16', got {grad_dot!r}")
+    return _Precision(_TL_DTYPE[dtype], tl.float32, "ieee", gop, gprec, upcast, gup, upcast,
+                      torch.float32)
+
+
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # interpreter: a few programs, enough to exercise the split-over-D path
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def _big(dtype: torch.dtype) -> bool:
+    """16-bit inputs get the large tensor-core tiles; fp32 (IEEE FMA dots) and fp64 smaller ones."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def _gram_fwd_cfg(n: int, dtype: torch.dtype) -> dict:
+    if INTERPRETER:
+        return dict(BM=64, BK=64, num_warps=4, num_stages=1)
+    if _big(dtype) and n >= 512:
+        return dict(BM=128, BK=32, num_warps=8, num_stages=3)
+    if _big(dtype):
+        return dict(BM=64, BK=64, num_warps=4, num_stages=3)
+    return dict(BM=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
+
+
+def _gram_bwd_cfg(dtype: torch.dtype) -> dict:
+    if INTERPRETER:
+        return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
+    if _big(dtype):
+        return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
+    return dict(BM=64, BN=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
+
+
+def _cross_cfg(dtype: torch.dtype) -> dict:
+    if INTERPRETER:  # fewer, larger programs: the interpreter pays per program, numpy does not
+        return dict(B=128, BK=64, num_warps=4, num_stages=1)
+    if _big(dtype):
+        return dict(B=128, BK=32, num_warps=8, num_stages=3)
+    return dict(B=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
+
+
+def _empty(shape, device, dtype) -> torch.Tensor:
+    """Every buffer of this module comes from here (tests poison it to catch unwritten outputs)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+_STAGES: Dict[tuple, int] = {}
+
+
+def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) -> None:
+    """Launch, stepping num_stages down if the compiled kernel needs more shared memory than the
+    device has (the tile sizes, hence grids and buffers, never change)."""
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel),
+           tuple(sorted((k, str(v)) for k, v in constexprs.items())),
+           tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    stages = _STAGES.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES[key] = stages
+        return
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    """Where this process's rows sit in the global batch."""
+    group: object = None
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def _resolve_group(group) -> _Dist:
+    import torch.distributed as dist
+    if group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"{_OP}: group was given but torch.distributed is not initialised")
+    elif not (dist.is_available() and dist.is_initialized()):
+        return _Dist()
+    world = dist.get_world_size(group)
+    if world <= 1:
+        return _Dist(group, 1, 0)
+    return _Dist(group, world, dist.get_rank(group))
+
+
+def _all_gather_rows(z: torch.Tensor, dd: _Dist) -> torch.Tensor:
+    import torch.distributed as dist
+    out = z.new_empty((dd.world * z.shape[0], z.shape[1]))
+    dist.all_gather(list(out.chunk(dd.world)), z, group=dd.group)  # writes into the views
+    return out
+
+
+def _check_dist_shapes(z: torch.Tensor, dd: _Dist) -> None:
+    import torch.distributed as dist
+    mine = torch.tensor([z.shape[0], z.shape[1]], dtype=torch.int64, device=z.device)
+    got = [torch.empty_like(mine) for _ in range(dd.world)]
+    dist.all_gather(got, mine, group=dd.group)
+    shapes = [tuple(t.tolist()) for t in got]  # host sync: acceptable once per step under DDP
+    if len(set(shapes)) != 1:
+        raise ValueError(f"{_OP}: every rank must pass the same N x D shape, got {shapes} "
+                         "(use drop_last=True in the sampler)")
+
+
+def _flops(method: str, n: int, r: int, d: int, grad_weight: float) -> float:
+    """Flops of this implementation (grad_weight = 2 when the backward dots run in tf32, whose
+    tensor-core rate is half the bf16 rate)."""
+    if method == "gram":
+        fwd = 2 * n * n * d if r == n else 4 * r * n * d       # symmetric tiles once
+        return fwd + grad_weight * 4 * r * n * d
+    fwd = 2 * n * d * d
+    return fwd + 2 * (2 * n * d * d + grad_weight * 2 * r * d * d)  # panels recompute C
+
+
+def choose_method(n: int, d: int, rows: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The method "auto" picks: the one with fewer flops in this implementation.
+
+    Single process with 16-bit inputs that is "gram" iff N <= 1.4 D (gram: 2 N^2 D forward with
+    symmetric tiles + 8 N^2 D tf32-weighted backward; cross: 2 N D^2 forward + 4 N D^2 panel
+    recomputation + 8 N D^2 tf32-weighted backward).
+    """
+    r = n if rows is None else rows
+    w = 2.0 if _big(dtype) else 1.0
+    return "gram" if _flops("gram", n, r, d, w) <= _flops("cross", n, r, d, w) else "cross"
+
+
+@dataclass
+class _State:
+    """What the backward needs; built by barlow_twins_fwd."""
+    method: str
+    lambd: float
+    scale: float
+    dist: _Dist
+    z1: torch.Tensor               # global batch (this process's inputs when not distributed)
+    z2: torch.Tensor
+    rows: int                      # this rank's rows
+    row0: int
+    mean: torch.Tensor             # [2, D]
+    rstd: torch.Tensor             # [2, D]
+    d: torch.Tensor                # [D]
+    grad_dot: Optional[str] = None
+    gram: Optional[List[Optional[torch.Tensor]]] = None   # [G_a, G_b], released by backward
+    s2: Optional[torch.Tensor] = None                     # cross: [2, D]
+    extra: dict = field(default_factory=dict)
+
+
+def _stats(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: float,
+           pr: _Precision, part: torch.Tensor):
+    """Batch statistics and d; writes cdiv(D, 64) loss partials into part."""
+    n, d = z1.shape
+    mean = _empty((2, d), z1.device, pr.torch_acc)
+    rstd = _empty((2, d), z1.device, pr.torch_acc)
+    dvec = _empty(d, z1.device, pr.torch_acc)
+    _launch(_bt_stats_kernel, (triton.cdiv(d, _STATS_BLOCK_D),), z1, z2, mean, rstd, dvec, part,
+            n, d, eps, lambd, scale, num_warps=4, num_stages=2, BLOCK_N=64,
+            BLOCK_D=_STATS_BLOCK_D, ACC=pr.acc)
+    return mean, rstd, dvec
+
+
+def _pick_split(tiles: int, ksteps: int, sms: int, tile_bytes: int) -> int:
+    """Split the D reduction of the Gram forward when there are too few tiles to fill the device:
+    minimise (waves x K-steps per wave), allowing at most _SPLIT_BYTES of partial tiles."""
+    best, best_cost = 1, None
+    s = 1
+    while s <= ksteps:
+        if s > 1 and s * tiles * tile_bytes > _SPLIT_BYTES:
+            break
+        cost = math.ceil(tiles * s / sms) * math.ceil(ksteps / s) + (4 if s > 1 else 0)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+        s *= 2
+    return best
+
+
+def _gram_tiles(n: int, r: int, dtype: torch.dtype) -> int:
+    bm = _gram_fwd_cfg(n, dtype)["BM"]
+    tn = triton.cdiv(n, bm)
+    return tn * (tn + 1) // 2 if r == n else triton.cdiv(r, bm) * tn
+
+
+def _gram_fwd(st: _State, pr: _Precision, part: Optional[torch.Tensor] = None):
+    """G_a, G_b rows of this rank; writes the per-tile loss partials into part."""
+    z1, z2 = st.z1, st.z2
+    n, d = z1.shape
+    r = st.rows
+    dev = z1.device
+    cfg = _gram_fwd_cfg(n, z1.dtype)
+    bm, bk = cfg["BM"], cfg["BK"]
+    sym = r == n
+    tiles = _gram_tiles(n, r, z1.dtype)
+    ksteps = triton.cdiv(d, bk)
+    esize = 8 if pr.torch_acc == torch.float64 else 4
+    split = _pick_split(tiles, ksteps, _sm_count(dev), 2 * bm * bm * esize)
+    k_split = triton.cdiv(ksteps, split) * bk
+    split = triton.cdiv(d, k_split)
+    ga = _empty((r, n), dev, pr.torch_acc)
+    gb = _empty((r, n), dev, pr.torch_acc)
+    if part is None:
+        part = _empty(tiles, dev, pr.torch_acc)
+    coef = st.scale * st.lambd / (n * n)
+    consts = dict(SYM=sym, BM=bm, BK=bk, OP=pr.op, UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec)
+    if split == 1:
+        _launch(_bt_gram_fwd_kernel, (tiles, 1), z1, z2, st.mean, st.rstd, ga, gb, part,
+                r, n, d, st.row0, k_split, tiles, coef, SPLIT=False,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
+    else:
+        partial = _empty((split, tiles, 2, bm, bm), dev, pr.torch_acc)
+        _launch(_bt_gram_fwd_kernel, (tiles, split), z1, z2, st.mean, st.rstd, ga, gb, partial,
+                r, n, d, st.row0, k_split, tiles, coef, SPLIT=True,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
+        _launch(_bt_gram_reduce_kernel, (tiles,), partial, ga, gb, part, r, n, tiles, split, coef,
+                SYM=sym, BM=bm, ACC=pr.acc, num_warps=4, num_stages=1)
+        del partial
+    st.extra["gram_split"] = split
+    return ga, gb
+
+
+def _cross_fwd(st: _State, pr: _Precision):
+    z1, z2 = st.z1, st.z2
+    n, d = z1.shape
+    cfg = _cross_cfg(z1.dtype)
+    b = cfg["B"]
+    t = triton.cdiv(d, b)
+    dev = z1.device
+    part = _empty(t * t, dev, pr.torch_acc)
+    rowp = _empty((t, d), dev, pr.torch_acc)
+    colp = _empty((t, d), dev, pr.torch_acc)
+    _launch(_bt_cross_tile_kernel, (t, t), z1, z2, st.mean, st.rstd, 0, part, rowp, colp,
+            n, d, 0, d, st.lambd, st.scale, MODE=0, BI=b, BJ=b, BK=cfg["BK"], OP=pr.op,
+            UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    return part, rowp, colp
+
+
+def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: float,
+                     method: str, group=None, grad_dot: Optional[str] = None,
+                     keep_for_backward: bool = True) -> Tuple[torch.Tensor, _State]:
+    """Forward launcher: validated inputs in, (fp32 loss, state for barlow_twins_bwd) out."""
+    dd = _resolve_group(group)
+    z1 = z1.contiguous()
+    z2 = z2.contiguous()
+    rows = z1.shape[0]
+    if dd.active:
+        _check_dist_shapes(z1, dd)
+        z1g, z2g, row0 = _all_gather_rows(z1, dd), _all_gather_rows(z2, dd), dd.rank * rows
+    else:
+        z1g, z2g, row0 = z1, z2, 0
+    n, d = z1g.shape
+    if method == "auto":
+        method = choose_method(n, d, rows, z1.dtype)
+    pr = _precision(z1.dtype, grad_dot)
+    ns = triton.cdiv(d, _STATS_BLOCK_D)
+    # one buffer for every loss partial: the loss is a single sum over it
+    nparts = ns + (_gram_tiles(n, rows, z1.dtype) if method == "gram" else 0)
+    parts = _empty(nparts, z1.device, pr.torch_acc)
+    mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts)
+    st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, grad_dot)
+    if method == "gram":
+        ga, gb = _gram_fwd(st, pr, parts[ns:])
+        if dd.active:
+            import torch.distributed as dist
+            mine = parts[ns:].sum()
+            dist.all_reduce(mine, group=dd.group)
+            loss = parts[:ns].sum() + mine
+        else:
+            loss = parts.sum()
+        if keep_for_backward:
+            st.gram = [ga, gb]
+    else:
+        cpart, rowp, colp = _cross_fwd(st, pr)
+        loss = cpart.sum()  # the tiles hold the whole loss, the diagonal included
+        if keep_for_backward:
+            st.s2 = torch.stack((rowp.sum(0), colp.sum(0)))
+    return loss, st
+
+
+def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precision):
+    z1, z2 = st.z1, st.z2
+    n, d = z1.shape
+    r = st.rows
+    dev = z1.device
+    if st.gram is None:  # a second backward through a retained graph: recompute the grams
+        st.gram = list(_gram_fwd(st, pr))
+    gram = st.gram
+    st.gram = None  # released below as soon as each is no longer needed
+    cfg = _gram_bwd_cfg(z1.dtype)
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    tr = triton.cdiv(r, bm)
+    esize = 8 if pr.torch_acc == torch.float64 else 4
+    sides = [s for s in (0, 1) if need[s]]
+    dz: List[Optional[torch.Tensor]] = [None, None]
+    if len(sides) * r * d * esize <= _SCRATCH_BOTH_BYTES:
+        groups, dc = [sides], d
+    else:
+        groups = [[s] for s in sides]
+        dc = max(bn, (_SCRATCH_BYTES // (r * esize)) // bn * bn)
+        dc = min(dc, triton.cdiv(d, bn) * bn)
+    s2 = _empty((2, tr, d), dev, pr.torch_acc)
+    if st.dist.active:
+        s2.zero_()  # summed over all row tiles, chunk by chunk, before the all-reduce
+    scratch = _empty((len(groups[0]), r, dc), dev, pr.torch_acc)
+    c_diag = st.scale / n
+    c_off = 2.0 * st.scale * st.lambd / (n * n)
+    gl = gl.reshape(()).to(pr.torch_acc).contiguous()
+    for grp in groups:
+        side0, ns = grp[0], len(grp)
+        ga = gram[0] if gram[0] is not None else gram[1]
+        gb = gram[1] if gram[1] is not None else gram[0]
+        for s in grp:  # allocated only now: dz2 takes the place of the released G_b
+            dz[s] = _empty((r, d), dev, z1.dtype)
+        for col0 in range(0, d, dc):
+            ncols = min(dc, d - col0)
+            _launch(_bt_gram_bwd_kernel, (tr, triton.cdiv(ncols, bn), ns), z1, z2, st.mean,
+                    st.rstd, st.d, ga, gb, gl, scratch, s2, r, n, d, st.row0, col0, dc, side0,
+                    tr, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=bk, GOP=pr.gop,
+                    UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            if st.dist.active:
+                import torch.distributed as dist
+                red = s2[:, :, col0:col0 + ncols].sum(1)
+                dist.all_reduce(red, group=st.dist.group)
+                s2[:, 0, col0:col0 + ncols] = red
+                s2_arg, n_parts = s2[:, :1].contiguous(), 1
+            else:
+                s2_arg, n_parts = s2, tr
+            fb = 32 if not INTERPRETER else 64
+            _launch(_bt_gram_finalize_kernel, (triton.cdiv(r, fb), triton.cdiv(ncols, 128), ns),
+                    z1, z2, st.mean, st.rstd, scratch, s2_arg, dz[0] if dz[0] is not None else dz[1],
+                    dz[1] if dz[1] is not None else dz[0], r, n, d, st.row0, col0, dc, side0,
+                    n_parts, BM=fb, BN=128, ACC=pr.acc, EMU_BF16=pr.emu_bf16, num_warps=4,
+                    num_stages=1)
+        if grp == [0]:
+            gram[1] = None  # G_b is only read for dz1: free it before dz2 is allocated
+            ga = gb = None
+    return dz
+
+
+def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precision):
+    z1, z2 = st.z1, st.z2
+    n, d = z1.shape
+    r = st.rows
+    dev = z1.device
+    cfg = _cross_cfg(z1.dtype)
+    b, bk = cfg["B"], cfg["BK"]
+    esize = 8 if pr.torch_acc == torch.float64 else 4
+    p = max(b, (_PANEL_BYTES // (d * esize)) // b * b)
+    p = min(p, triton.cdiv(d, b) * b)
+    panel = _empty((p, d), dev, pr.torch_acc)
+    gl = gl.reshape(()).to(pr.torch_acc).contiguous()
+    dz = [None, None]
+    for side in (0, 1):
+        if not need[side]:
+            continue
+        x, y = (z1, z2) if side == 0 else (z2, z1)
+        out = _empty((r, d), dev, z1.dtype)
+        s2 = st.s2[side].contiguous()
+        for i0 in range(0, d, p):
+            i_hi = min(d, i0 + p)
+            _launch(_bt_cross_tile_kernel, (triton.cdiv(i_hi - i0, b), triton.cdiv(d, b)), x, y,
+                    st.mean, st.rstd, side, panel, panel, panel, n, d, i0, i_hi, st.lambd,
+                    st.scale, MODE=1, BI=b, BJ=b, BK=bk, OP=pr.op, UPCAST=pr.upcast, ACC=pr.acc,
+                    PREC=pr.prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _launch(_bt_cross_grad_kernel, (triton.cdiv(r, b), triton.cdiv(i_hi - i0, b)), x, y,
+                    st.mean, st.rstd, side, panel, s2, gl, out, r, n, d, st.row0, i0, i_hi,
+                    2.0 * st.scale, BM=b, BN=b, BK=bk, GOP=pr.gop, UPCAST=pr.gupcast, ACC=pr.acc,
+                    PREC=pr.gprec, EMU_BF16=pr.emu_bf16, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
+        dz[side] = out
+    return dz
+
+
+def barlow_twins_bwd(st: _State, grad_loss: torch.Tensor, need: Tuple[bool, bool] = (True, True)):
+    """Backward launcher: (dL/dz1, dL/dz2) for this process's rows, in the input dtype."""
+    pr = _precision(st.z1.dtype, st.grad_dot)
+    if st.method == "gram":
+        return _gram_bwd(st, grad_loss, need, pr)
+    return _cross_bwd(st, grad_loss, need, pr)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, autograd, public API
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(z1, z2, lambd, scale, eps, method) -> None:
+    check_float(_OP, "z1", z1)
+    check_float(_OP, "z2", z2)
+    if z1.dtype != z2.dtype:
+        raise TypeError(f"{_OP}: z1 and z2 must have the same dtype, got {z1.dtype} and {z2.dtype}")
+    if z1.dim() != 2 or z2.dim() != 2:
+        raise ValueError(f"{_OP}: z1 and z2 must be 2-D (N x D), got shapes {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    if z1.shape != z2.shape:
+        raise ValueError(f"{_OP}: z1 and z2 must have the same shape, got {tuple(z1.shape)} "
+                         f"and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError(f"{_OP}: batch statistics need N >= 2 rows, got N = {z1.shape[0]}")
+    if z1.shape[1] < 1:
+        raise ValueError(f"{_OP}: need D >= 1 features, got D = {z1.shape[1]}")
+    if method not in METHODS:
+        raise ValueError(f"{_OP}: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    for name, val in (("lambd", lambd), ("scale", scale), ("eps", eps)):
+        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
+            raise TypeError(f"{_OP}: {name} must be a finite float, got {val!r}")
+    if eps < 0:
+        raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
+    check_triton_device(_OP, z1, z2)
+
+
+class _BarlowTwinsLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z1, z2, lambd, scale, eps, method, group):
+        keep = any(ctx.needs_input_grad[:2])
+        loss, st = barlow_twins_fwd(z1, z2, float(lambd), float(scale), float(eps), method, group,
+                                    keep_for_backward=keep)
+        ctx.state = st
+        ctx.shapes = (z1.shape, z2.shape)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        st = ctx.state
+        need = tuple(bool(x) for x in ctx.needs_input_grad[:2])
+        dz1, dz2 = barlow_twins_bwd(st, grad_loss, need)
+        return dz1, dz2, None, None, None, None, None
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
+                      scale: float = 1.0, eps: float = 1e-5, method: str = "auto",
+                      group=None) -> torch.Tensor:
+    """Fused Barlow Twins loss; equals ``barlow_twins_loss_ref(z1, z2, lambd, scale, eps)``.
+
+    Args:
+        z1, z2: N x D embeddings of the two views (fp32, bf16, fp16; fp64 for gradcheck), same
+            dtype, shape and device; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+        lambd: weight of the off-diagonal (redundancy reduction) term.
+        scale: multiplies the whole loss.
+        eps: BatchNorm epsilon (biased batch variance, no affine).
+        method: "gram" (N x N form), "cross" (D x D form, tiled: no D x D buffer) or "auto" (the
+            one with fewer flops here: see :func:`choose_method`).
+        group: a torch.distributed process group. Default: the world group when torch.distributed
+            is initialised. With more than one rank the loss is the single-process loss over the
+            concatenation of every rank's batch (rank order), identical on every rank; every rank
+            must pass the same N x D.
+
+    Returns:
+        A 0-dim fp32 tensor (fp64 for fp64 inputs). Gradients reach z1 and z2 in their dtype.
+        Under DDP the gradient of this rank's z1, z2 is the gradient of the *global* loss with
+        respect to this rank's rows. DDP then averages parameter gradients over ranks, so the
+        parameters see dL/dtheta / world_size, as in the official Barlow Twins code; multiply the
+        loss (or ``scale``) by the world size for the exact gradient of the global loss.
+
+    Non-finite inputs: a NaN or inf anywhere in a column of z1 or z2 makes that feature's
+    statistics non-finite, so the loss (and the gradients) come back non-finite (NaN); nothing
+    raises inside the kernels. Check ``torch.isfinite(loss)`` as for any loss.
+    """
+    _validate(z1, z2, lambd, scale, eps, method)
+    return _BarlowTwinsLossFn.apply(z1, z2, lambd, scale, eps, method, group)
+
+
+class BarlowTwinsLoss(nn.Module):
+    """``barlow_twins_loss`` as a module (hyper-parameters only, no weights)."""
+
+    def __init__(self, lambd: float = 0.0051, scale: float = 1.0, eps: float = 1e-5,
+                 method: str = "auto", group=None):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"{_OP}: unknown method {method!r}; valid: {', '.join(METHODS)}")
+        self.lambd = lambd
+        self.scale = scale
+        self.eps = eps
+        self.method = method
+        self.group = group
+
+    def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        return barlow_twins_loss(z1, z2, self.lambd, self.scale, self.eps, self.method, self.group)
+
+    def extra_repr(self) -> str:
+        return f"lambd={self.lambd}, scale={self.scale}, eps={self.eps}, method={self.method!r}"

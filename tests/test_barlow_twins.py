@@ -1,0 +1,332 @@
+"""Fused Barlow Twins loss against the reference (kernels.barlow_twins.barlow_twins_loss_ref).
+
+Runs on CUDA, or on the CPU under Triton's interpreter (tests/conftest.py), where the shapes are
+kept small. The distributed tests are in test_barlow_twins_ddp.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+import kernels._runtime as runtime
+import kernels.barlow_twins as bt
+from helpers import assert_close, assert_three_way, rel_err
+from kernels.barlow_twins import (BarlowTwinsLoss, barlow_twins_loss, barlow_twins_loss_ref,
+                                  choose_method)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The interpreter runs every tl.dot through numpy; with a shared, busy CPU a multi-threaded
+    OpenBLAS makes a 128x64x128 product 800x slower (22 ms instead of 27 us, measured here)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _inputs(n, d, dtype, device, corr=0.5, seed=None):
+    """Two correlated views with a non-zero mean and a non-unit spread, fresh each call."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64) * 1.7 + 0.4
+    z2 = corr * z1 + math.sqrt(1 - corr ** 2) * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return z1.to(device=device, dtype=dtype), z2.to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _capture_bn_outputs(store):
+    """Record the BatchNorm outputs of the reference (to read dL/da, dL/db after backward)."""
+    orig = F.batch_norm
+
+    def wrapped(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        if out.requires_grad:
+            out.retain_grad()
+        store.append(out)
+        return out
+
+    F.batch_norm = wrapped
+    try:
+        yield
+    finally:
+        F.batch_norm = orig
+
+
+def _reference(z1, z2, lambd=0.0051, scale=1.0, eps=1e-5):
+    """float64 reference loss and gradients, and for each input the scale of the terms that the
+    BatchNorm backward subtracts (rstd * max|dL/da|): with N = 2 the output of BN hardly depends
+    on z, so the gradient is a difference of two terms of that size (condition ~ var / eps) and
+    fp32 rounding is only small relative to them, not to the result."""
+    x = z1.detach().to("cpu", torch.float64).requires_grad_()
+    y = z2.detach().to("cpu", torch.float64).requires_grad_()
+    outs = []
+    with _capture_bn_outputs(outs):
+        loss = barlow_twins_loss_ref(x, y, lambd, scale, eps)
+    loss.backward()
+    scales = []
+    for z, a in zip((x, y), outs):
+        rstd = (z.detach().var(0, unbiased=False) + eps).rsqrt()
+        scales.append((rstd.max() * a.grad.abs().max()).item())
+    return loss.detach(), x.grad, y.grad, scales
+
+
+def _fused(z1, z2, **kw):
+    a = z1.detach().clone().requires_grad_()
+    b = z2.detach().clone().requires_grad_()
+    loss = barlow_twins_loss(a, b, **kw)
+    loss.backward()
+    return loss.detach(), a.grad, b.grad
+
+
+# (N, D, methods, lambd, scale): every N and D of the issue, both methods where the interpreter
+# can afford them (the largest shapes once). Both forward paths of the Gram method (split over D
+# and not) are covered: see test_gram_split_paths_are_both_exercised.
+FP32_CASES = [
+    (2, 1, ("gram", "cross"), 0.0051, 1.0),
+    (2, 31, ("gram", "cross"), 0.02, 0.5),
+    (3, 1, ("gram", "cross"), 0.0051, 1.0),
+    (3, 128, ("gram", "cross"), 0.1, 2.0),
+    (64, 31, ("gram", "cross"), 0.0051, 0.024),
+    (64, 128, ("gram", "cross"), 0.0051, 1.0),
+    (64, 1000, ("gram",), 0.0051, 1.0),
+    (257, 31, ("gram", "cross"), 0.3, 1.0),
+    (257, 128, ("gram", "cross"), 0.0051, 1.0),
+    (257, 1000, ("gram",), 0.0051, 0.1),
+]
+
+
+@pytest.mark.parametrize("n,d,methods,lambd,scale", FP32_CASES,
+                         ids=[f"N{c[0]}-D{c[1]}" for c in FP32_CASES])
+def test_fp32_matches_reference(n, d, methods, lambd, scale, device):
+    z1, z2 = _inputs(n, d, torch.float32, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2, lambd, scale)
+    for method in methods:
+        loss, d1, d2 = _fused(z1, z2, lambd=lambd, scale=scale, method=method)
+        assert loss.dtype == torch.float32 and loss.dim() == 0
+        assert d1.dtype == torch.float32 and d1.shape == z1.shape
+        assert rel_err(loss, ref) <= 1e-5, f"{method}: loss {loss.item()} vs {ref.item()}"
+        assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name=f"{method} dz1")
+        assert_close(d2, g2, rtol=1e-5, atol=1e-5 * s2, name=f"{method} dz2")
+
+
+LOWP_CASES = [(3, 31), (64, 128), (257, 31), (64, 1000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("n,d", LOWP_CASES, ids=[f"N{n}-D{d}" for n, d in LOWP_CASES])
+def test_low_precision_three_way(n, d, dtype, device):
+    """err(kernel vs fp64) <= 2 * err(reference run in the same dtype vs fp64) + atol."""
+    z1, z2 = _inputs(n, d, dtype, device)
+    ref, g1, g2, _ = _reference(z1, z2)
+    t1 = z1.clone().requires_grad_()
+    t2 = z2.clone().requires_grad_()
+    tloss = barlow_twins_loss_ref(t1, t2)
+    tloss.backward()
+    for method in (("gram",) if d == 1000 else ("gram", "cross")):
+        loss, d1, d2 = _fused(z1, z2, method=method)
+        assert loss.dtype == torch.float32
+        assert d1.dtype == dtype and d2.dtype == dtype
+        assert_three_way(loss, tloss, ref, atol=1e-6, name=f"{method} loss")
+        assert_three_way(d1, t1.grad, g1, atol=1e-6, name=f"{method} dz1")
+        assert_three_way(d2, t2.grad, g2, atol=1e-6, name=f"{method} dz2")
+        if n >= 64:  # and in absolute terms (operand rounding averages out over the batch)
+            assert rel_err(loss, ref) < 1e-3, method
+            assert rel_err(d1, g1) < (2.5e-3 if dtype == torch.bfloat16 else 5e-4), method
+
+
+@pytest.mark.parametrize("method", ["gram", "cross"])
+def test_gradcheck_float64(method, device):
+    # every Jacobian entry on a tiny problem, a random projection on a larger one
+    for n, d, fast in ((4, 3, False), (9, 70, True)):
+        z1, z2 = _inputs(n, d, torch.float64, device)
+        z1.requires_grad_()
+        z2.requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda a, b: barlow_twins_loss(a, b, lambd=0.05, scale=0.7, method=method), (z1, z2),
+            eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=fast)
+
+
+def test_float64_matches_reference_tightly(device):
+    z1, z2 = _inputs(33, 70, torch.float64, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2, 0.05, 0.5)
+    for method in ("gram", "cross"):
+        loss, d1, d2 = _fused(z1, z2, lambd=0.05, scale=0.5, method=method)
+        assert loss.dtype == torch.float64
+        # the scalar hyper-parameters reach the kernels as fp32 (Triton's type for Python floats)
+        assert rel_err(loss, ref) <= 1e-7
+        assert_close(d1, g1, rtol=1e-7, atol=1e-7 * s1, name=f"{method} dz1")
+        assert_close(d2, g2, rtol=1e-7, atol=1e-7 * s2, name=f"{method} dz2")
+
+
+def test_gram_split_paths_are_both_exercised(device):
+    """The Gram forward splits the D reduction when there are few tiles (then a reduce kernel
+    sums the partial tiles): the shapes above must cover both paths."""
+    splits = {}
+    for n, d in ((64, 128), (64, 1000), (257, 1000)):
+        z1, z2 = _inputs(n, d, torch.float32, device)
+        _, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram")
+        splits[(n, d)] = st.extra["gram_split"]
+    assert min(splits.values()) == 1 and max(splits.values()) > 1, splits
+
+
+def test_poisoned_buffers_are_fully_written(monkeypatch, device):
+    """Every output and intermediate buffer starts as NaN: an element the kernels forget to write
+    would surface as a NaN or a wrong value."""
+    def nan_empty(shape, device, dtype):
+        return torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"),
+                          device=device, dtype=dtype)
+
+    monkeypatch.setattr(bt, "_empty", nan_empty)
+    cases = ((70, 130, torch.float32, ("gram", "cross")), (64, 1000, torch.float32, ("gram",)),
+             (19, 45, torch.bfloat16, ("gram", "cross")))
+    for n, d, dtype, methods in cases:  # (64, 1000): the split-over-D forward
+        z1, z2 = _inputs(n, d, dtype, device)
+        ref, g1, g2, (s1, s2) = _reference(z1, z2)
+        for method in methods:
+            loss, d1, d2 = _fused(z1, z2, method=method)
+            assert torch.isfinite(loss) and torch.isfinite(d1).all() and torch.isfinite(d2).all()
+            if dtype == torch.float32:
+                assert rel_err(loss, ref) <= 1e-5
+                assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name=f"{method} dz1")
+                assert_close(d2, g2, rtol=1e-5, atol=1e-5 * s2, name=f"{method} dz2")
+            else:
+                assert rel_err(loss, ref) < 1e-3 and rel_err(d1, g1) < 4e-3
+
+
+def test_scratch_chunking_and_sequential_sides(monkeypatch, device):
+    """Large batches run the Gram backward one side at a time, in column chunks of the scratch
+    budget; shrink the budgets so that a small problem takes that path (several chunks, a ragged
+    last one) and G_b is released between the sides."""
+    monkeypatch.setattr(bt, "_SCRATCH_BYTES", 64 * 70 * 4 + 1)
+    monkeypatch.setattr(bt, "_SCRATCH_BOTH_BYTES", 0)
+    z1, z2 = _inputs(70, 150, torch.float32, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2, 0.02, 1.0)
+    loss, d1, d2 = _fused(z1, z2, lambd=0.02, method="gram")
+    assert rel_err(loss, ref) <= 1e-5
+    assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1")
+    assert_close(d2, g2, rtol=1e-5, atol=1e-5 * s2, name="dz2")
+
+
+def test_cross_panels(monkeypatch, device):
+    """The cross backward builds m(C) in row panels; force several panels (ragged last one)."""
+    monkeypatch.setattr(bt, "_PANEL_BYTES", 1)
+    z1, z2 = _inputs(40, 300, torch.float32, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2)
+    loss, d1, d2 = _fused(z1, z2, method="cross")
+    assert rel_err(loss, ref) <= 1e-5
+    assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1")
+    assert_close(d2, g2, rtol=1e-5, atol=1e-5 * s2, name="dz2")
+
+
+def test_auto_picks_by_flops_and_matches(device):
+    assert choose_method(64, 1) == "cross"
+    assert choose_method(2, 1000) == "gram"
+    assert choose_method(256, 8192) == "gram"
+    assert choose_method(8192, 256) == "cross"
+    for n, d in ((64, 3), (5, 40)):
+        z1, z2 = _inputs(n, d, torch.float32, device)
+        la, a1, a2 = _fused(z1, z2, method="auto")
+        lm, m1, m2 = _fused(z1, z2, method=choose_method(n, d, dtype=torch.float32))
+        assert torch.equal(la, lm) and torch.equal(a1, m1) and torch.equal(a2, m2)
+
+
+def test_module_equals_function(device):
+    z1, z2 = _inputs(20, 24, torch.float32, device)
+    mod = BarlowTwinsLoss(lambd=0.01, scale=0.3, eps=1e-4, method="cross")
+    a = z1.clone().requires_grad_()
+    b = z2.clone().requires_grad_()
+    lm = mod(a, b)
+    lm.backward()
+    lf, f1, f2 = _fused(z1, z2, lambd=0.01, scale=0.3, eps=1e-4, method="cross")
+    assert torch.equal(lm.detach(), lf) and torch.equal(a.grad, f1) and torch.equal(b.grad, f2)
+    assert list(mod.parameters()) == [] and "cross" in repr(mod)
+    assert kernels.BarlowTwinsLoss is BarlowTwinsLoss and kernels.barlow_twins_loss is barlow_twins_loss
+
+
+@pytest.mark.parametrize("method", ["gram", "cross"])
+def test_one_input_requires_grad_and_upstream_gradient(method, device):
+    z1, z2 = _inputs(12, 20, torch.float32, device)
+    ref, g1, _, (s1, _) = _reference(z1, z2)
+    a = z1.clone().requires_grad_()
+    loss = barlow_twins_loss(a, z2, method=method)
+    (loss * -2.5).backward()
+    assert_close(a.grad, -2.5 * g1, rtol=1e-5, atol=2.5e-5 * s1, name="dz1")
+
+
+@pytest.mark.parametrize("method", ["gram", "cross"])
+def test_retain_graph_second_backward(method, device):
+    """The Gram backward releases G_a, G_b as it goes; a second backward recomputes them."""
+    z1, z2 = _inputs(16, 40, torch.float32, device)
+    a = z1.clone().requires_grad_()
+    b = z2.clone().requires_grad_()
+    loss = barlow_twins_loss(a, b, method=method)
+    loss.backward(retain_graph=True)
+    first = (a.grad.clone(), b.grad.clone())
+    loss.backward()
+    assert_close(a.grad, 2 * first[0], rtol=1e-6, atol=1e-9, name="dz1")
+    assert_close(b.grad, 2 * first[1], rtol=1e-6, atol=1e-9, name="dz2")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf - inf
+@pytest.mark.parametrize("method", ["gram", "cross"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input_gives_non_finite_loss(method, bad, device):
+    """Documented behaviour: a non-finite input makes the loss non-finite; nothing raises."""
+    z1, z2 = _inputs(9, 20, torch.float32, device)
+    z1[3, 5] = bad
+    a = z1.clone().requires_grad_()
+    b = z2.clone().requires_grad_()
+    loss = barlow_twins_loss(a, b, method=method)
+    assert not torch.isfinite(loss)
+    loss.backward()
+    assert not torch.isfinite(a.grad).all()
+
+
+def test_non_contiguous_inputs(device):
+    z1, z2 = _inputs(30, 22, torch.float32, device)
+    t1, t2 = z1.t().contiguous().t(), z2[:, :]  # a column-major view and a plain one
+    assert not t1.is_contiguous()
+    ref, g1, g2, (s1, s2) = _reference(z1, z2)
+    loss, d1, d2 = _fused(t1, t2)
+    assert rel_err(loss, ref) <= 1e-5
+    assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1")
+
+
+def test_bad_input_errors(monkeypatch, device):
+    z = torch.randn(8, 5, device=device)
+    with pytest.raises(ValueError, match="same shape"):
+        barlow_twins_loss(z, torch.randn(8, 6, device=device))
+    with pytest.raises(ValueError, match="2-D"):
+        barlow_twins_loss(z.view(8, 5, 1), z.view(8, 5, 1))
+    with pytest.raises(ValueError, match="N >= 2"):
+        barlow_twins_loss(z[:1], z[:1])
+    with pytest.raises(TypeError, match="floating point"):
+        barlow_twins_loss(z.long(), z.long())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        barlow_twins_loss(z.tolist(), z)
+    with pytest.raises(TypeError, match="same dtype"):
+        barlow_twins_loss(z, z.double())
+    with pytest.raises(ValueError, match="unknown method 'fast'; valid: auto, gram, cross"):
+        barlow_twins_loss(z, z, method="fast")
+    with pytest.raises(ValueError, match="unknown method"):
+        BarlowTwinsLoss(method="D2")
+    with pytest.raises(ValueError, match="eps"):
+        barlow_twins_loss(z, z, eps=-1.0)
+    with pytest.raises(TypeError, match="lambd"):
+        barlow_twins_loss(z, z, lambd=float("nan"))
+    with pytest.raises(ValueError, match="one device"):
+        barlow_twins_loss(z, torch.randn(8, 5, device="meta"))
+    with pytest.raises(ValueError, match="not initialised"):
+        barlow_twins_loss(z, z, group=object())
+    # a CPU tensor where Triton cannot run (no interpreter): a clear error naming the options
+    monkeypatch.setattr(runtime, "INTERPRETER", False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        barlow_twins_loss(torch.randn(8, 5), torch.randn(8, 5))

@@ -97,8 +97,9 @@ class Config:
     synthetic_size: int = _f(4096, "images in the synthetic training set")
     synthetic_augment: bool = _f(False, "full augmentation on synthetic images (default: the image "
                                  "and its mirror, so the loader never limits a throughput study)")
-    workers: Optional[int] = _f(None, "data-loading worker processes per rank (default: CPU cores "
-                                "- 1, at least 1, at most 16)")
+    workers: Optional[int] = _f(None, "data-loading worker processes per rank (default on CUDA: "
+                                "CPU cores - 1, 1..16; on CPU: cores / 4, at most 4, so 0 on a "
+                                "2-core machine)")
     # ---- optimisation
     optimizer: str = _f("lars", "lars, sgd or adamw")
     lr: Optional[float] = _f(None, "base learning rate at batch 256, scaled by global batch / 256 "
@@ -132,7 +133,8 @@ class Config:
     out: Optional[str] = _f(None, "run directory (default: runs/<timestamp>)")
     resume: Optional[str] = _f(None, "continue a run: its directory or checkpoint file; settings "
                                "come from its config (flags given again must agree, except "
-                               "max_steps, workers, logging, probe and profiling flags)")
+                               "max_steps, workers, logging, probe and profiling flags; "
+                               "--max-steps is not inherited)")
     checkpoint: Optional[bool] = _f(None, "write checkpoint.pt every epoch and at the end "
                                     "(default: on, off with --profile)")
     log_interval: int = _f(20, "steps between log lines (each one synchronises the device)")
@@ -173,11 +175,15 @@ class Config:
             self.weight_decay = wd
         if self.warmup_epochs is None:
             self.warmup_epochs = min(10.0, min(self.block_epoch_list()) / 10)
-        if self.workers is None:
-            self.workers = max(1, min(16, _cpu_count() - 1))
         if self.device == "auto":
             import torch
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.workers is None:
+            # CUDA: the loader must keep a GPU fed. CPU: the training itself needs the cores;
+            # augmentation in the main process between steps beats a worker fighting the
+            # compute threads (on 2 cores a worker made each step about 2x slower).
+            cores = max(1, _cpu_count() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            self.workers = max(1, min(16, cores - 1)) if self.device == "cuda" else min(4, cores // 4)
         if self.precision == "auto":
             self.precision = "bf16" if self.device == "cuda" else "fp32"
         if self.channels_last is None:
@@ -354,6 +360,9 @@ def merge_for_resume(saved: Dict[str, Any], given: Dict[str, Any]) -> Config:
     """The saved config with the flags given again; a flag that would change training: ValueError."""
     known = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in saved.items() if k in known}
+    # a cap belongs to the invocation that set it: the resumed run goes on to the end unless
+    # --max-steps is given again
+    values["max_steps"] = None
     trial = Config(**{**values, **given})  # resolves the given values the same way
     for name in given:
         if name in RESUME_MUTABLE:

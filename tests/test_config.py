@@ -1,0 +1,87 @@
+"""blockwise.config: resolution per dataset, validation, the generated CLI, resume merging."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from blockwise import config as C
+from blockwise.config import Config
+
+
+def test_digits_defaults_fit_the_cpu_budget():
+    cfg = Config(device="cpu")
+    assert cfg.recipe_name() == "digits"
+    assert (cfg.arch, cfg.small_stem, cfg.expander, cfg.image_size) == ("resnet18", True, 0, 16)
+    assert cfg.projector == "512-512-512" and cfg.batch_size == 128 and cfg.epochs == 12
+    assert cfg.precision == "fp32" and cfg.channels_last is False
+
+
+def test_paper_defaults_for_large_images():
+    cfg = Config(dataset="synthetic", device="cpu")
+    assert cfg.recipe_name() == "paper" and cfg.image_size == 224
+    assert (cfg.arch, cfg.small_stem, cfg.expander) == ("resnet50", False, 2048)
+    assert cfg.projector == "8192-8192-8192" and cfg.loss_scale == 0.024 and cfg.lambd == 0.0051
+    assert (cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.lars_eta) == ("lars", 0.2, 1e-6, 0.001)
+    assert cfg.epochs == 300 and cfg.warmup_epochs == 10 and cfg.probe_epochs == 100
+
+
+def test_small_images_recipe():
+    cfg = Config(dataset="synthetic", image_size=32, device="cpu")
+    assert cfg.recipe_name() == "small"
+    assert (cfg.arch, cfg.small_stem, cfg.expander) == ("resnet18", True, 0)
+    assert cfg.projector == "8192-8192-8192"
+    explicit = Config(dataset="synthetic", image_size=32, arch="resnet50", small_stem=False,
+                      device="cpu")
+    assert explicit.expander == 2048 and explicit.small_stem is False
+
+
+def test_optimizer_defaults_and_warmup():
+    assert Config(optimizer="adamw", device="cpu").lr == 1e-3
+    assert Config(epochs=20, device="cpu").warmup_epochs == 2.0
+    seq = Config(mode="sequential", block_epochs="10,10,20,20", device="cpu")
+    assert seq.block_epoch_list() == [10, 10, 20, 20] and seq.warmup_epochs == 1.0
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(mode="x"), "unknown mode 'x'; valid: e2e, sequential, simultaneous"),
+    (dict(arch="vgg"), "unknown arch 'vgg'; valid: resnet18, resnet50"),
+    (dict(batch_size=1), "--batch-size must be >= 2"),
+    (dict(lr=0.0), "--lr must be > 0"),
+    (dict(noise_std=-1.0), "--noise-std must be >= 0"),
+    (dict(steps_per_block=3), "applies to --mode sequential only"),
+    (dict(mode="sequential", steps_per_block=0), "--steps-per-block must be > 0"),
+    (dict(precision="fp16"), "unknown precision 'fp16'; valid: auto, bf16, fp32"),
+])
+def test_validation(kw, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Config(device="cpu", **kw)
+
+
+def test_types_are_checked():
+    with pytest.raises(TypeError, match="batch_size must be int"):
+        Config(device="cpu", batch_size="8")
+    with pytest.raises(TypeError, match="fused must be bool"):
+        Config(device="cpu", fused=1)
+    assert Config(device="cpu", lr=1).lr == 1.0  # an int where a float is expected is fine
+
+
+def test_parser_covers_every_field_and_only_given_flags():
+    fields = {f.name for f in dataclasses.fields(Config)}
+    parser = C.build_parser()
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    assert dests == fields
+    given = C.parse_args(["--mode", "e2e", "--no-fused", "--batch-size", "64", "--lr", "0.1"])
+    assert given == {"mode": "e2e", "fused": False, "batch_size": 64, "lr": 0.1}
+    assert C.parse_args(["--small-stem"]) == {"small_stem": True}
+
+
+def test_resume_merge_rules():
+    saved = Config(device="cpu", max_steps=5).to_dict()
+    merged = C.merge_for_resume(saved, {"resume": "x", "workers": 3, "probe_epochs": 0})
+    assert merged.workers == 3 and merged.probe_epochs == 0 and merged.max_steps is None
+    assert merged.batch_size == saved["batch_size"]
+    same = C.merge_for_resume(saved, {"resume": "x", "batch_size": saved["batch_size"]})
+    assert same.batch_size == saved["batch_size"]
+    with pytest.raises(ValueError, match="--batch-size 64 differs from the resumed run's 128"):
+        C.merge_for_resume(saved, {"resume": "x", "batch_size": 64})

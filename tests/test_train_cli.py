@@ -1,0 +1,193 @@
+"""python -m blockwise.train: the README command, run directory, profiling, exit codes, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from blockwise import train
+from blockwise.trainer import Trainer
+
+TINY = ["--dataset", "synthetic", "--image-size", "8", "--synthetic-size", "32",
+        "--num-classes", "4", "--batch-size", "8", "--projector", "16-16", "--epochs", "1",
+        "--workers", "0", "--device", "cpu", "--log-interval", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def run_main(args, capsys):
+    code = train.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_readme_command_end_to_end(tmp_path):
+    """`python -m blockwise.train --fused`, capped to a few seconds: pre-train, probe, files."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "blockwise.train", "--fused", "--image-size", "8",
+           "--batch-size", "16", "--max-steps", "3", "--projector", "32-32", "--probe-epochs", "3",
+           "--log-interval", "1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": os.environ.get(
+        "CUDA_VISIBLE_DEVICES", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "probe.json", "summary.json"):
+        assert (out / name).is_file(), f"{name} missing"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["dataset"] == "digits" and cfg["config"]["fused"] is True
+    assert cfg["versions"]["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in proc.stderr and not cfg["fused_kernels_used"]
+    assert "random init" in proc.stdout and "linear probe top-1" in proc.stdout
+    assert proc.stdout.count("ms/step") == 3  # one fixed-format line per step here
+    probe = json.loads((out / "probe.json").read_text())
+    assert set(probe["top1"]) == set(probe["control_top1"]) == {f"block{k}" for k in range(1, 5)}
+    assert all(0 <= v <= 100 for v in probe["top1"].values())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["probe"]["top1"] == probe["top1"]
+    assert summary["export"]["strict_torchvision"] is False  # small stem: explained, not strict
+
+
+@pytest.mark.parametrize("mode", ["e2e", "simultaneous", "sequential"])
+def test_profile_writes_the_windows_of_the_interface(tmp_path, mode, capsys):
+    extra = ["--steps-per-block", "3"] if mode == "sequential" else ["--max-steps", "3"]
+    code, out, err = run_main(TINY + ["--mode", mode, "--profile", "--profile-warmup", "1",
+                                      "--probe-epochs", "0", "--out", tmp_path] + extra, capsys)
+    assert code == 0, err
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["schema"] == "blockwise.profile/1"
+    windows = set(prof["windows"])
+    if mode == "e2e":
+        expected = {"step", "head", "backward", "optimizer"} | {f"block{k}/forward" for k in range(1, 5)}
+    else:
+        expected = {"step"} | {f"block{k}{part}" for k in range(1, 5)
+                               for part in ("", "/forward", "/head", "/backward", "/optimizer")}
+    assert windows == expected
+    measured = 2 if mode != "sequential" else 4 * 2  # warm-up 1 of 3 steps (per block)
+    meta = prof["meta"]
+    assert meta["measured_steps"] == measured and meta["warmup_steps"] == 1
+    assert meta["world_size"] == 1 and meta["mode"] == mode
+    for key in ("arch", "batch_size", "image_size", "fused", "projector"):
+        assert key in meta
+    assert prof["run"]["images"] == measured * 8
+    assert prof["windows"]["step"]["count"] == measured
+    if mode == "sequential":  # one measured segment per block, labelled by it
+        labels = [s["label"] for s in prof["run"]["segments"]]
+        assert labels == ["block1", "block2", "block3", "block4"]
+        assert prof["windows"]["block1/backward"]["count"] == 2
+        assert prof["windows"]["block1/forward"]["count"] == 2 + 3 * 2  # + frozen prefix runs
+    assert not (tmp_path / "checkpoint.pt").exists()  # --profile: no checkpoint by default
+
+
+BAD = [
+    (["--arch", "resnet34"], "unknown arch 'resnet34'; valid: resnet18, resnet50"),
+    (["--mode", "blockwise"], "unknown mode 'blockwise'; valid: e2e, sequential, simultaneous"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; valid: cifar10, digits, imagefolder, synthetic"),
+    (["--optimizer", "adam"], "unknown optimizer 'adam'; valid: adamw, lars, sgd"),
+    (["--pool", "max"], "unknown pool 'max'; valid: avg, sqrt"),
+    (["--dataset", "imagefolder", "--data-dir", "/nonexistent/data"], "does not exist"),
+    (["--dataset", "imagefolder"], "needs --data-dir"),
+    (["--batch-size", "1"], "at least 2 image pairs per rank"),
+    (["--mode", "sequential", "--block-epochs", "1,2"], "expected 4 positive integers"),
+    (["--block-epochs", "1,1,1,1"], "applies to --mode sequential only"),
+    (["--projector", "8192-x"], "expected widths separated by '-'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--synthetic-size", "4"], "fewer than one batch"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_gets_a_clear_message_and_exit_code_2(tmp_path, capsys, args, message):
+    base = [a for a in TINY]
+    # the flag under test replaces the tiny setting of the same name
+    for flag in args[::2]:
+        if flag in base:
+            i = base.index(flag)
+            del base[i:i + 2]
+    code, out, err = run_main(base + args + ["--out", tmp_path], capsys)
+    assert code == 2
+    assert message in err, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_unknown_flag_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--no-such-flag"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_non_finite_loss_exit_2_names_block_and_step(tmp_path, capsys):
+    code, out, err = run_main(TINY + ["--optimizer", "sgd", "--lr", "1e30", "--epochs", "3",
+                                      "--out", tmp_path], capsys)
+    assert code == 2, err
+    assert "non-finite loss" in err and "at step" in err and "block" in err
+    assert "Traceback" not in err
+    if (tmp_path / "checkpoint.pt").exists():  # any checkpoint left is from before the NaN
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in ckpt["blocks"].values() if v.is_floating_point())
+    assert not (tmp_path / "probe.json").exists()
+
+
+def test_out_of_memory_exit_3_one_line(tmp_path, capsys, monkeypatch):
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+    monkeypatch.setattr(Trainer, "fit", oom)
+    code, out, err = run_main(TINY + ["--profile", "--out", tmp_path], capsys)
+    assert code == 3
+    assert err == "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+    assert not (tmp_path / "profile.json").exists() and not (tmp_path / "probe.json").exists()
+
+
+def test_resume_continues_and_rejects_changed_training_flags(tmp_path, capsys):
+    code, _, err = run_main(TINY + ["--max-steps", "2", "--probe-epochs", "0", "--out", tmp_path],
+                            capsys)
+    assert code == 0, err
+    code, _, err = run_main(["--resume", tmp_path, "--lr", "0.5"], capsys)
+    assert code == 2 and "differs from the resumed run" in err
+    code, out, err = run_main(["--resume", tmp_path, "--probe-epochs", "0"], capsys)
+    assert code == 0, err
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["state"]["step"] == 4  # 1 epoch of 32 / 8, continued from step 2
+    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(steps)) == [1, 2, 3, 4]
+    code, _, err = run_main(["--resume", tmp_path / "nowhere"], capsys)
+    assert code == 2 and "no checkpoint" in err
+
+
+def test_export_loads_into_torchvision_strictly(tmp_path, capsys):
+    args = [a for a in TINY]
+    i = args.index("--image-size")
+    args[i + 1] = "32"
+    code, out, err = run_main(args + ["--no-small-stem", "--max-steps", "1", "--probe-epochs", "0",
+                                      "--out", tmp_path], capsys)
+    assert code == 0, err
+    sd = torch.load(tmp_path / "backbone_torchvision.pt")
+    net = torchvision.models.resnet18()
+    net.load_state_dict(sd, strict=True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert torch.equal(net.layer4[1].conv2.weight, ckpt["blocks"]["3.layer4.1.conv2.weight"])
+    assert torch.equal(net.conv1.weight, ckpt["blocks"]["0.conv1.weight"])
+
+
+def test_help_lists_every_setting(capsys):
+    from dataclasses import fields
+
+    from blockwise.config import Config
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for f in fields(Config):
+        assert f"--{f.name.replace('_', '-')}" in text
+    assert "--no-fused" in text and "--no-small-stem" in text

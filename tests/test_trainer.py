@@ -1,0 +1,281 @@
+"""blockwise.trainer: the three modes, gradient isolation, memory release, resume, non-finite loss.
+
+Tiny settings throughout (ResNet-18, 8x8 synthetic images, batch 8, projector 16-16): each run
+is a fraction of a second per step on a CPU.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import weakref
+
+import pytest
+import torch
+
+from blockwise import models
+from blockwise.checkpoint import load_checkpoint
+from blockwise.config import Config
+from blockwise.trainer import NonFiniteLoss, Trainer, initial_blocks
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy CI machine (a 2-thread
+    OpenMP barrier waits for a descheduled thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tmp_path, **kw) -> Config:
+    values = dict(dataset="synthetic", image_size=8, synthetic_size=32, num_classes=4,
+                  batch_size=8, projector="16-16", epochs=2, workers=0, device="cpu",
+                  probe_epochs=0, log_interval=1, out=str(tmp_path))
+    values.update(kw)
+    return Config(**values)
+
+
+def make(tmp_path, **kw) -> Trainer:
+    cfg = tiny(tmp_path, **kw)
+    return Trainer(cfg, cfg.out, log=lambda line: None)
+
+
+def params_of(module):
+    return {n: p.detach().clone() for n, p in module.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict, what: str):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{what}: {name} differs"
+
+
+@pytest.mark.parametrize("mode", ["e2e", "simultaneous", "sequential"])
+def test_each_mode_trains(tmp_path, mode):
+    kw = dict(steps_per_block=2) if mode == "sequential" else {}
+    tr = make(tmp_path, mode=mode, **kw)
+    before = params_of(tr.blocks)
+    summary = tr.fit()
+    expected = 8 if mode == "sequential" else 8  # 4 blocks x 2 steps, or 2 epochs x 4 steps
+    assert tr.state.step == expected and summary["steps"] == expected
+    after = params_of(tr.blocks)
+    for k in range(4):  # every block was trained (e2e: through the single head)
+        changed = any(not torch.equal(before[n], after[n]) for n in before if n.startswith(f"{k}."))
+        assert changed, f"{mode}: block {k + 1} did not change"
+    records = [json.loads(l) for l in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    blocks_logged = {r["block"] for r in records}
+    assert blocks_logged == ({4} if mode == "e2e" else {1, 2, 3, 4})
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert {"step", "block", "loss", "lr", "ms_per_step", "peak_memory_gib"} <= records[0].keys()
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["state"]["step"] == expected
+    if mode == "sequential":  # every head released at the end
+        assert ckpt["heads"] == [None] * 4 and tr.heads == [None] * 4
+
+
+def _grad_owners(tr: Trainer):
+    """Names of the blocks/heads that hold a gradient right now."""
+    owners = set()
+    for k, block in enumerate(tr.blocks):
+        if any(p.grad is not None for p in block.parameters()):
+            owners.add(f"block{k + 1}")
+    for k, head in enumerate(tr.heads):
+        if head is not None and any(p.grad is not None for p in head.parameters()):
+            owners.add(f"head{k + 1}")
+    return owners
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
+def test_no_gradient_crosses_blocks(tmp_path, mode):
+    """When block k's optimizer steps (right after loss_k.backward()), only block k and head k
+    hold gradients: loss_k reached no other block, and no earlier block's gradient lingers."""
+    kw = dict(steps_per_block=2) if mode == "sequential" else {}
+    tr = make(tmp_path, mode=mode, max_steps=6, **kw)
+    seen = []
+
+    def hook_for(k):
+        def hook(optimizer, args, kwargs):
+            owners = _grad_owners(tr)
+            seen.append((k, owners))
+            block = tr.blocks[k]
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters()), \
+                f"block {k + 1} got no gradient from its own loss"
+        return hook
+
+    for k in range(4):
+        if tr.optimizers[k] is not None:
+            tr.optimizers[k].register_step_pre_hook(hook_for(k))
+    if mode == "sequential":  # optimizers of later blocks are built when their block starts
+        start = tr._start_stage
+
+        def start_and_hook(k):
+            start(k)
+            tr.optimizers[k].register_step_pre_hook(hook_for(k))
+        tr._start_stage = start_and_hook
+    tr.fit()
+    assert len(seen) == (24 if mode == "simultaneous" else 6)
+    for k, owners in seen:
+        assert owners == {f"block{k + 1}", f"head{k + 1}"}, f"at block {k + 1}'s step: {owners}"
+    if mode == "sequential":
+        assert [k for k, _ in seen] == [0, 0, 1, 1, 2, 2]
+
+
+def test_sequential_frozen_blocks_do_not_change(tmp_path):
+    tr = make(tmp_path, mode="sequential", steps_per_block=2, noise_std=0.25)
+    snapshots = {}
+    finish = tr._finish_block
+
+    def finish_and_snapshot(b):
+        finish(b)
+        snapshots[b] = params_of(tr.blocks)  # parameters and BN running statistics
+    tr._finish_block = finish_and_snapshot
+    initial = params_of(tr.blocks)
+    tr.fit()
+    final = params_of(tr.blocks)
+    for b in range(4):
+        block = {n: v for n, v in final.items() if n.startswith(f"{b}.")}
+        # frozen from the end of its own phase on: the final weights are those it finished with
+        assert_same_state(block, {n: snapshots[b][n] for n in block}, f"block {b + 1} after its phase")
+        # not touched before its phase either
+        if b > 0:
+            assert_same_state({n: snapshots[b - 1][n] for n in block},
+                              {n: initial[n] for n in block}, f"block {b + 1} before its phase")
+        assert not any(torch.equal(final[n], initial[n]) for n in block if n.endswith("weight")
+                       and "bn" not in n and "downsample.1" not in n), f"block {b + 1} never trained"
+    assert all(not p.requires_grad for p in tr.blocks.parameters())
+
+
+class _SavedTensorTracker:
+    """saved_tensors_hooks: every tensor autograd saves is wrapped in a holder we keep a weak
+    reference to; a dead holder means autograd released that saved tensor."""
+
+    class Holder:
+        __slots__ = ("t", "__weakref__")
+
+        def __init__(self, t):
+            self.t = t
+
+    def __init__(self):
+        self.refs = []
+
+    def pack(self, t):
+        h = self.Holder(t)
+        self.refs.append(weakref.ref(h))
+        return h
+
+    @staticmethod
+    def unpack(h):
+        return h.t
+
+    def alive(self, refs):
+        return sum(r() is not None for r in refs)
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "e2e"])
+def test_block_graph_released_before_next_block_forward(tmp_path, mode):
+    """Simultaneous: when block k+1 starts its forward, nothing block k saved for backward is
+    alive. The same probe on e2e (which must keep them) proves the probe can see them."""
+    tr = make(tmp_path, mode=mode)
+    tracker = _SavedTensorTracker()
+    alive_at_start = {}
+
+    def pre_hook(k):
+        def hook(module, inputs):
+            if module.training:  # the first call (view 1) only
+                alive_at_start.setdefault(k, (len(tracker.refs), tracker.alive(tracker.refs)))
+        return hook
+
+    handles = [tr.blocks[k].register_forward_pre_hook(pre_hook(k)) for k in range(4)]
+    x1, x2 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+        tr.train_step(x1, x2, lr=0.1)
+    for h in handles:
+        h.remove()
+    for k in (1, 2, 3):  # at the first forward of block k+1 (view 1)
+        saved, alive = alive_at_start[k]
+        assert saved > 0
+        if mode == "simultaneous":
+            assert alive == 0, f"{alive} tensors saved by blocks 1..{k} alive at block {k + 1}'s forward"
+        else:
+            assert alive == saved, "e2e should keep every saved tensor until its backward"
+    assert tracker.alive(tracker.refs) == 0  # everything released after the step
+
+
+def test_sequential_releases_finished_head_and_optimizer(tmp_path):
+    tr = make(tmp_path, mode="sequential", steps_per_block=2, max_steps=3)
+    head0, opt0 = weakref.ref(tr.heads[0]), weakref.ref(tr.optimizers[0])
+    tr.train_step(*torch.randn(2, 8, 3, 8, 8).unbind(0), lr=0.1, b=0)
+    mu = [weakref.ref(s["mu"]) for s in tr.optimizers[0].state.values()]
+    assert mu and all(r() is not None for r in mu)
+    assert tr.heads[1] is None  # later heads are not built before their block starts
+    tr.fit()  # finishes block 1 after its 2nd step, trains 1 step of block 2
+    gc.collect()
+    assert tr.state.block == 1 and tr.heads[1] is not None
+    assert head0() is None, "block 1's head is still alive after its phase"
+    assert opt0() is None, "block 1's optimizer is still alive after its phase"
+    assert all(r() is None for r in mu), "block 1's optimizer state is still alive"
+
+
+@pytest.mark.parametrize("mode,kw", [
+    ("simultaneous", dict(noise_std=0.25)),
+    ("sequential", dict(steps_per_block=3)),
+    ("e2e", dict()),
+])
+def test_resume_equals_uninterrupted(tmp_path, mode, kw):
+    """Stop mid-epoch, resume (another worker count): the same bits as one uninterrupted run."""
+    a = make(tmp_path / "a", mode=mode, **kw)
+    a.fit()
+    b = make(tmp_path / "b", mode=mode, max_steps=5, **kw)
+    b.fit()
+    assert b.state.step == 5 and b.state.batch == (2 if mode == "sequential" else 1)  # mid-epoch
+    c = make(tmp_path / "b", mode=mode, resume=str(tmp_path / "b"), workers=1, **kw)
+    assert c.state.step == 5
+    c.fit()
+    assert c.state.step == a.state.step
+    assert_same_state(params_of(a.blocks), params_of(c.blocks), "blocks")
+    for ha, hc in zip(a.heads, c.heads):
+        assert (ha is None) == (hc is None)
+        if ha is not None:
+            assert_same_state(params_of(ha), params_of(hc), "head")
+    la = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    lc = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    key = lambda r: (r["step"], r["block"], r["loss"], r["lr"])  # noqa: E731
+    assert [key(r) for r in la] == [key(r) for r in lc]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tr = make(tmp_path, mode="simultaneous", log_interval=100)
+    loss_fn, calls = tr.loss_fn, {"n": 0}
+
+    def poisoned(z1, z2):
+        calls["n"] += 1
+        loss = loss_fn(z1, z2)
+        # step 6 (2nd step of epoch 2), block 3
+        return loss * float("nan") if calls["n"] == 5 * 4 + 3 else loss
+    for stage in tr.stages:
+        stage.loss_fn = poisoned
+    with pytest.raises(NonFiniteLoss) as err:
+        tr.fit()
+    msg = str(err.value)
+    assert "step 6" in msg and "block 3" in msg and "checkpoint.pt (step 4)" in msg
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["state"]["step"] == 4  # the end of epoch 1: written before the NaN
+    assert all(torch.isfinite(v).all() for v in ckpt["blocks"].values() if v.is_floating_point())
+
+
+def test_control_is_the_initial_weights(tmp_path):
+    tr = make(tmp_path)
+    assert_same_state(params_of(tr.blocks), params_of(initial_blocks(tr.cfg)), "initial blocks")
+
+
+def test_warmup_cosine_schedule_in_the_loop(tmp_path):
+    tr = make(tmp_path, epochs=4, warmup_epochs=1.0)  # 16 steps, 4 warm-up
+    tr.fit()
+    lrs = [json.loads(l)["lr"] for l in open(tmp_path / "metrics.jsonl") if '"block": 1' in l]
+    base = tr.base_lr
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(0.75 * base)
+    assert lrs[4] == pytest.approx(base)  # end of warm-up
+    assert all(x > y for x, y in zip(lrs[4:], lrs[5:]))  # then cosine decay
+    assert lrs[-1] < 0.05 * base

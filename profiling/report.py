@@ -667,6 +667,7 @@ def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[st
             ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_ylabel(unit)
     ax.set_ylim(0, top * 1.18)
     ax.grid(axis="y", alpha=0.3)
@@ -710,6 +711,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
             ax.text(x + 0.18, rv, f"{rv:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_ylabel("peak memory (GiB)")
     ax.set_ylim(0, top * 1.18)
     ax.set_title("whole run", fontsize=9)
@@ -723,6 +725,8 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
         nb = max(len(r["per_block"]) for r in block_runs)
         width = 0.8 / len(block_runs)
         any_bar = False
+        measured = any(b["peak_allocated_gib"] is not None for r in block_runs
+                       for b in r["per_block"])
         for i, r in enumerate(block_runs):
             for j, b in enumerate(r["per_block"]):
                 v = b["peak_allocated_gib"]
@@ -731,7 +735,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
                     ax.bar(x, v, width=width * 0.95, color=f"C{i + 2}",
                            label=r["label"] if j == 0 else None)
                     any_bar = True
-                else:
+                elif measured:  # some measured, this one not
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.35")
         if base and base["metrics"]["peak_allocated_gib"] is not None:
             ax.axhline(base["metrics"]["peak_allocated_gib"], color="k", ls="--", lw=1,
@@ -789,6 +793,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
         ax.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_ylabel("GPU energy per image pair (J)")
     ax.set_ylim(0, top * 1.18)
     ax.grid(axis="y", alpha=0.3)

@@ -290,6 +290,55 @@ def test_maxbatch_outputs(tmp_path):
     assert maxbatch_md(rep) == md
 
 
+def test_compare_fused_both_with_fake_trainer(monkeypatch, tmp_path):
+    """compare's process handling, labels and baseline for --fused both, and a mode that OOMs,
+    through a stand-in trainer (fast); the real trainer runs in test_compare_on_cpu."""
+    templates = {}
+    for mode in ("e2e", "sequential"):
+        templates[mode] = str(tmp_path / "t" / mode / "profile.json")
+        make_profile(monkeypatch, templates[mode], mode)
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!{sys.executable}
+import json, os, sys
+args = sys.argv[1:]
+val = lambda flag: args[args.index(flag) + 1]
+mode, out = val("--mode"), val("--out")
+if mode == "simultaneous":
+    print("out of memory: CUDA out of memory. Tried to allocate 9 GiB")
+    sys.exit(3)
+p = json.load(open({templates!r}[mode]))
+p["meta"]["fused"] = "--fused" in args
+p["meta"]["argv"] = args
+if p["meta"]["fused"]:  # the fused kernels make it faster
+    p["run"]["time_s"] *= 0.8
+    p["run"]["throughput_img_s"] /= 0.8
+os.makedirs(out, exist_ok=True)
+json.dump(p, open(os.path.join(out, "profile.json"), "w"))
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "cmp"
+    rc = cli.main(["compare", "--modes", "e2e,simultaneous,sequential", "--fused", "both",
+                   "--steps", "3", "--warmup", "1", "--python", str(fake), "--out", str(out),
+                   "--lr", "0.1"])  # an unknown flag: passed through to the trainer
+    assert rc == 1  # simultaneous OOMed
+    rep = json.load(open(out / "report.json"))
+    labels = [r["label"] for r in rep["runs"]]
+    assert labels == ["e2e (unfused)", "e2e (fused)", "simultaneous (unfused)",
+                      "simultaneous (fused)", "sequential (unfused)", "sequential (fused)"]
+    assert [r["status"] for r in rep["runs"]] == ["ok", "ok", "oom", "oom", "ok", "ok"]
+    assert rep["baseline"] == "e2e (unfused)"
+    fused_e2e = rep["tables"]["summary"]["rows"][1]["cells"]
+    assert fused_e2e["throughput_img_s_vs_e2e"] == pytest.approx(1 / 0.8)
+    check_ratios(rep)
+    argv = json.load(open(out / "runs" / "e2e-fused" / "profile.json"))["meta"]["argv"]
+    assert "--fused" in argv and argv[-2:] == ["--lr", "0.1"]
+    assert "--no-fused" in json.load(open(out / "runs" / "e2e-unfused" / "profile.json")
+                                     )["meta"]["argv"]
+    md = open(out / "report.md").read()
+    assert "**simultaneous (fused): oom** (exit code 3)" in md
+    assert "--fused both" in rep["command"]
+
+
 # -- the real thing, on the CPU ------------------------------------------------------------------
 TINY = ["--arch", "resnet18", "--image-size", "8", "--batch-size", "4", "--steps", "2",
         "--warmup", "1", "--projector", "16-16", "--device", "cpu"]

@@ -21,12 +21,13 @@ mean_n(g) is identically zero here: g is linear in the columns of b (resp. in b 
 column of a BatchNorm output sums to zero, sum_n b_n = 0, so that term is dropped (exactly, not
 approximately: it is zero for every input, which gradcheck confirms). The projection term
 s2 = sum_n g * x is a D-vector: in the cross form s2_i = sum_j C_ij M_ij falls out of the forward
-tiles for free; in the Gram form it needs the finished column of G_b a, so the gradient is computed
-per column chunk into an fp32 scratch (at most 8 MiB per chunk, 16 MiB when both sides fit in one
-chunk) and finalised by a second, elementwise kernel.
+tiles for free; in the Gram form it needs the finished column of G_b a, so for N > 256 the
+gradient is computed per column chunk into an fp32 scratch (at most 8 MiB per chunk, 16 MiB when
+both sides fit in one chunk) and finalised by a second, elementwise kernel.
 
-Kernels (Gram method, single process: 5 launches for forward + backward at N=256, D=8192)
----------------------------------------------------------------------------------------
+Kernels (Gram method, single process: 4 launches and one torch sum for forward + backward at
+N=256, D=8192)
+---------------------------------------------------------------------------------------------
 1. ``_bt_stats_kernel``: one pass over z1 and z2 (Chan's parallel merge of per-tile centred sums,
    robust to a large mean): per-feature mean and rstd of both inputs, d, and the on-diagonal part
    of the loss. Nothing of size N x D is written: a and b are recomputed on load wherever they are
@@ -36,15 +37,18 @@ Kernels (Gram method, single process: 5 launches for forward + backward at N=256
    rows of z1 and z2 and feeds two accumulators), upper-triangular tiles only (G is symmetric, the
    lower triangle is a mirrored store), split over D when there are fewer tiles than
    multiprocessors (then ``_bt_gram_reduce_kernel`` sums the split partials, with no atomics,
-   so results are deterministic). The epilogue writes the per-tile <G_a, G_b> partial of the loss.
-3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b) per column chunk, the pre-BN gradient g and the
-   per-row-tile partial sums of g * x in the epilogue; ``_bt_gram_finalize_kernel`` applies the
-   BatchNorm backward and writes dz in the input dtype.
+   so results are deterministic). The epilogue writes the per-tile <G_a, G_b> partial of the loss;
+   the loss is one sum over the partials of kernels 1 and 2.
+3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b) and the pre-BN gradient g. When one row tile
+   holds the whole batch (N <= 256) the BatchNorm backward's column sum s2 is complete inside the
+   program and the kernel writes dz directly: one launch for the whole backward. Otherwise it
+   writes g to the fp32 scratch and per-row-tile partial sums of g * x, and
+   ``_bt_gram_finalize_kernel`` applies the BatchNorm backward and writes dz in the input dtype.
 Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and G_a,
 G_b (two N x N fp32 buffers; they are what makes the backward a pair of matmuls instead of a
 recomputation of the forward). When the two sides are processed one after the other (large N),
-G_b is released as soon as dz1 is done, so the peak holds at most G_a, G_b, one gradient and a
-chunk of scratch, never all of them at once.
+G_b is released as soon as dz1 is done and dz2 is allocated only then: the peak is
+max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk, never both grams and both gradients.
 
 Numerics
 --------
@@ -82,6 +86,8 @@ dz1, dz2 written once) over the measured copy rate; docs/performance.md holds th
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -350,10 +356,12 @@ def _bt_gram_bwd_kernel(
     gl_ptr,               # [] upstream gradient of the loss
     g_ptr,                # [sides, R, DC] out: pre-BatchNorm gradient of columns col0..col0+DC
     s2_ptr,               # [2, TR, D] out: per-row-tile sums of g * x (x = a for side 0, b for 1)
+    dz1_ptr, dz2_ptr,     # FINAL: [R, D] out gradients (g_ptr, s2_ptr unused)
     R, N, D, row0, col0, DC, side0, TR,
     c_diag, c_off, lambd,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     GOP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    FINAL: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -396,9 +404,21 @@ def _bt_gram_bwd_kernel(
     xv = tl.where(m2, (tl.load(x_ptr + o, mask=m2, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
     g = gl * (c_diag * yv * v[None, :] + c_off * acc)
     g = tl.where(m2, g, 0.0)
-    og = (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :]
-    tl.store(g_ptr + og, g, mask=m2)
-    tl.store(s2_ptr + (side * TR + pid_r).to(tl.int64) * D + cols, tl.sum(g * xv, 0), mask=cmask)
+    if FINAL:
+        # one row tile holds the whole batch: the BatchNorm backward's column sum is right here,
+        # so finish dz in this kernel (no scratch, no second launch)
+        s2 = tl.sum(g * xv, 0)
+        dz = rx[None, :] * (g - xv * (s2 / N)[None, :])
+        od = rows[:, None].to(tl.int64) * D + cols[None, :]
+        if side == 0:
+            tl.store(dz1_ptr + od, _to_output(dz, dz1_ptr, EMU_BF16), mask=m2)
+        else:
+            tl.store(dz2_ptr + od, _to_output(dz, dz2_ptr, EMU_BF16), mask=m2)
+    else:
+        og = (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :]
+        tl.store(g_ptr + og, g, mask=m2)
+        tl.store(s2_ptr + (side * TR + pid_r).to(tl.int64) * D + cols, tl.sum(g * xv, 0),
+                 mask=cmask)
 
 
 @triton.jit
@@ -559,6 +579,7 @@ class _Precision:
     torch_acc: torch.dtype
 
 
+@functools.lru_cache(maxsize=None)
 def _precision(dtype: torch.dtype, grad_dot: Optional[str] = None) -> _Precision:
     if dtype == torch.float64:
         return _Precision(tl.float64, tl.float64, "ieee", tl.float64, "ieee", False, False, False,
@@ -572,10 +593,11 @@ def _precision(dtype: torch.dtype, grad_dot: Optional[str] = None) -> _Precision
     if grad_dot == "tf32":
         gop, gprec, gup = tl.float32, "tf32", False
     elif grad_dot == "bf16":
-        gop, gprec, gup = tl.bfloat16, "ieee", INTERPRETER
+        gop, gprec, gup = tl.bfloat16, "tf32", INTERPRETER
     else:
         raise ValueError(f"{_OP}: grad_dot must be 'tf32' or 'bf16', got {grad_dot!r}")
-    return _Precision(_TL_DTYPE[dtype], tl.float32, "ieee", gop, gprec, upcast, gup, upcast,
+    # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands)
+    return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gop, gprec, upcast, gup, upcast,
                       torch.float32)
 
 
@@ -614,6 +636,20 @@ def _gram_bwd_cfg(dtype: torch.dtype) -> dict:
     return dict(BM=64, BN=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
 
 
+_FINAL_MAX_ROWS = 256
+
+
+def _gram_bwd_final_cfg(r: int, dtype: torch.dtype) -> dict:
+    """Gram backward in one launch when a single row tile (BM >= R) holds the batch."""
+    bm = max(16, triton.next_power_of_2(r))
+    if INTERPRETER:
+        return dict(BM=bm, BN=64, BK=64, num_warps=4, num_stages=1)
+    bk = 16 if dtype == torch.float64 else 32
+    if bm >= 128:
+        return dict(BM=bm, BN=64 if _big(dtype) else 32, BK=bk, num_warps=8, num_stages=3)
+    return dict(BM=bm, BN=128 if _big(dtype) else 64, BK=bk, num_warps=4, num_stages=3)
+
+
 def _cross_cfg(dtype: torch.dtype) -> dict:
     if INTERPRETER:  # fewer, larger programs: the interpreter pays per program, numpy does not
         return dict(B=128, BK=64, num_warps=4, num_stages=1)
@@ -627,26 +663,23 @@ def _empty(shape, device, dtype) -> torch.Tensor:
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-_STAGES: Dict[tuple, int] = {}
+_STAGE_CAP: Dict[object, int] = {}
 
 
 def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) -> None:
-    """Launch, stepping num_stages down if the compiled kernel needs more shared memory than the
-    device has (the tile sizes, hence grids and buffers, never change)."""
-    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel),
-           tuple(sorted((k, str(v)) for k, v in constexprs.items())),
-           tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
-    stages = _STAGES.get(key, num_stages)
+    """Launch, stepping num_stages down (and remembering the cap for this kernel) if the compiled
+    kernel needs more shared memory than the device has. Tile sizes, hence grids and buffers,
+    never change. Kept cheap: at N=256 the whole op is a few launches long."""
+    stages = min(num_stages, _STAGE_CAP.get(kernel, num_stages))
     while True:
         try:
             kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+            return
         except OutOfResources:
             if stages <= 1:
                 raise
             stages -= 1
-            continue
-        _STAGES[key] = stages
-        return
+            _STAGE_CAP[kernel] = stages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,6 +740,7 @@ def _flops(method: str, n: int, r: int, d: int, grad_weight: float) -> float:
     return fwd + 2 * (2 * n * d * d + grad_weight * 2 * r * d * d)  # panels recompute C
 
 
+@functools.lru_cache(maxsize=None)
 def choose_method(n: int, d: int, rows: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> str:
     """The method "auto" picks: the one with fewer flops in this implementation.
 
@@ -752,18 +786,22 @@ def _stats(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: 
     return mean, rstd, dvec
 
 
+@functools.lru_cache(maxsize=None)
 def _pick_split(tiles: int, ksteps: int, sms: int, tile_bytes: int) -> int:
-    """Split the D reduction of the Gram forward when there are too few tiles to fill the device:
-    minimise (waves x K-steps per wave), allowing at most _SPLIT_BYTES of partial tiles."""
+    """Split the D reduction of the Gram forward when there are too few tiles to fill the device.
+
+    Cost in K-step units: waves x K-steps per program, plus for a split the reduce launch and the
+    write and read-back of the partial tiles (about one K-step per 512 KiB). At most _SPLIT_BYTES
+    of partial tiles."""
     best, best_cost = 1, None
-    s = 1
-    while s <= ksteps:
+    for s in range(1, min(ksteps, 64) + 1):
         if s > 1 and s * tiles * tile_bytes > _SPLIT_BYTES:
             break
-        cost = math.ceil(tiles * s / sms) * math.ceil(ksteps / s) + (4 if s > 1 else 0)
+        cost = math.ceil(tiles * s / sms) * math.ceil(ksteps / s)
+        if s > 1:
+            cost += 4 + s * tiles * tile_bytes / (1 << 19)
         if best_cost is None or cost < best_cost:
             best, best_cost = s, cost
-        s *= 2
     return best
 
 
@@ -878,12 +916,29 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precis
         st.gram = list(_gram_fwd(st, pr))
     gram = st.gram
     st.gram = None  # released below as soon as each is no longer needed
+    c_diag = st.scale / n
+    c_off = 2.0 * st.scale * st.lambd / (n * n)
+    gl = gl.reshape(()).to(pr.torch_acc).contiguous()
+    sides = [s for s in (0, 1) if need[s]]
+    dz: List[Optional[torch.Tensor]] = [None, None]
+    if not st.dist.active and r <= _FINAL_MAX_ROWS:
+        # small batch: one row tile covers it, the kernel finishes dz itself (one launch)
+        cfg = _gram_bwd_final_cfg(r, z1.dtype)
+        bm, bn = cfg["BM"], cfg["BN"]
+        for s in sides:
+            dz[s] = _empty((r, d), dev, z1.dtype)
+        out1 = dz[0] if dz[0] is not None else dz[1]
+        out2 = dz[1] if dz[1] is not None else dz[0]
+        _launch(_bt_gram_bwd_kernel, (1, triton.cdiv(d, bn), len(sides)), z1, z2, st.mean,
+                st.rstd, st.d, gram[0], gram[1], gl, out1, out1, out1, out2, r, n, d, st.row0, 0,
+                d, sides[0], 1, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=cfg["BK"], GOP=pr.gop,
+                UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec, FINAL=True, EMU_BF16=pr.emu_bf16,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return dz
     cfg = _gram_bwd_cfg(z1.dtype)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     tr = triton.cdiv(r, bm)
     esize = 8 if pr.torch_acc == torch.float64 else 4
-    sides = [s for s in (0, 1) if need[s]]
-    dz: List[Optional[torch.Tensor]] = [None, None]
     if len(sides) * r * d * esize <= _SCRATCH_BOTH_BYTES:
         groups, dc = [sides], d
     else:
@@ -894,22 +949,22 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precis
     if st.dist.active:
         s2.zero_()  # summed over all row tiles, chunk by chunk, before the all-reduce
     scratch = _empty((len(groups[0]), r, dc), dev, pr.torch_acc)
-    c_diag = st.scale / n
-    c_off = 2.0 * st.scale * st.lambd / (n * n)
-    gl = gl.reshape(()).to(pr.torch_acc).contiguous()
     for grp in groups:
         side0, ns = grp[0], len(grp)
         ga = gram[0] if gram[0] is not None else gram[1]
         gb = gram[1] if gram[1] is not None else gram[0]
         for s in grp:  # allocated only now: dz2 takes the place of the released G_b
             dz[s] = _empty((r, d), dev, z1.dtype)
+        out1 = dz[0] if dz[0] is not None else dz[1]
+        out2 = dz[1] if dz[1] is not None else dz[0]
         for col0 in range(0, d, dc):
             ncols = min(dc, d - col0)
             _launch(_bt_gram_bwd_kernel, (tr, triton.cdiv(ncols, bn), ns), z1, z2, st.mean,
-                    st.rstd, st.d, ga, gb, gl, scratch, s2, r, n, d, st.row0, col0, dc, side0,
-                    tr, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=bk, GOP=pr.gop,
-                    UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec,
-                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                    st.rstd, st.d, ga, gb, gl, scratch, s2, out1, out2, r, n, d, st.row0, col0,
+                    dc, side0, tr, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=bk, GOP=pr.gop,
+                    UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec, FINAL=False,
+                    EMU_BF16=pr.emu_bf16, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
             if st.dist.active:
                 import torch.distributed as dist
                 red = s2[:, :, col0:col0 + ncols].sum(1)
@@ -920,10 +975,9 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precis
                 s2_arg, n_parts = s2, tr
             fb = 32 if not INTERPRETER else 64
             _launch(_bt_gram_finalize_kernel, (triton.cdiv(r, fb), triton.cdiv(ncols, 128), ns),
-                    z1, z2, st.mean, st.rstd, scratch, s2_arg, dz[0] if dz[0] is not None else dz[1],
-                    dz[1] if dz[1] is not None else dz[0], r, n, d, st.row0, col0, dc, side0,
-                    n_parts, BM=fb, BN=128, ACC=pr.acc, EMU_BF16=pr.emu_bf16, num_warps=4,
-                    num_stages=1)
+                    z1, z2, st.mean, st.rstd, scratch, s2_arg, out1, out2, r, n, d, st.row0, col0,
+                    dc, side0, n_parts, BM=fb, BN=128, ACC=pr.acc, EMU_BF16=pr.emu_bf16,
+                    num_warps=4, num_stages=1)
         if grp == [0]:
             gram[1] = None  # G_b is only read for dz1: free it before dz2 is allocated
             ga = gb = None
@@ -1002,21 +1056,29 @@ def _validate(z1, z2, lambd, scale, eps, method) -> None:
     check_triton_device(_OP, z1, z2)
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one when it is not."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 class _BarlowTwinsLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1, z2, lambd, scale, eps, method, group):
         keep = any(ctx.needs_input_grad[:2])
-        loss, st = barlow_twins_fwd(z1, z2, float(lambd), float(scale), float(eps), method, group,
-                                    keep_for_backward=keep)
+        with _on_device(z1.device):
+            loss, st = barlow_twins_fwd(z1, z2, float(lambd), float(scale), float(eps), method,
+                                        group, keep_for_backward=keep)
         ctx.state = st
-        ctx.shapes = (z1.shape, z2.shape)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         st = ctx.state
         need = tuple(bool(x) for x in ctx.needs_input_grad[:2])
-        dz1, dz2 = barlow_twins_bwd(st, grad_loss, need)
+        with _on_device(st.z1.device):
+            dz1, dz2 = barlow_twins_bwd(st, grad_loss, need)
         return dz1, dz2, None, None, None, None, None
 
 

@@ -186,8 +186,9 @@ def test_poisoned_buffers_are_fully_written(monkeypatch, device):
 
     monkeypatch.setattr(bt, "_empty", nan_empty)
     cases = ((70, 130, torch.float32, ("gram", "cross")), (64, 1000, torch.float32, ("gram",)),
-             (19, 45, torch.bfloat16, ("gram", "cross")))
-    for n, d, dtype, methods in cases:  # (64, 1000): the split-over-D forward
+             (19, 45, torch.bfloat16, ("gram", "cross")), (257, 40, torch.float32, ("gram",)))
+    # (64, 1000): the split-over-D forward; (257, 40): the two-kernel backward with its scratch
+    for n, d, dtype, methods in cases:
         z1, z2 = _inputs(n, d, dtype, device)
         ref, g1, g2, (s1, s2) = _reference(z1, z2)
         for method in methods:
@@ -204,9 +205,11 @@ def test_poisoned_buffers_are_fully_written(monkeypatch, device):
 def test_scratch_chunking_and_sequential_sides(monkeypatch, device):
     """Large batches run the Gram backward one side at a time, in column chunks of the scratch
     budget; shrink the budgets so that a small problem takes that path (several chunks, a ragged
-    last one) and G_b is released between the sides."""
+    last one) and G_b is released between the sides. (Batches of at most 256 rows normally finish
+    the backward in one kernel; N = 257 in the tests above takes the two-kernel path.)"""
     monkeypatch.setattr(bt, "_SCRATCH_BYTES", 64 * 70 * 4 + 1)
     monkeypatch.setattr(bt, "_SCRATCH_BOTH_BYTES", 0)
+    monkeypatch.setattr(bt, "_FINAL_MAX_ROWS", 0)  # not the one-launch small-batch path
     z1, z2 = _inputs(70, 150, torch.float32, device)
     ref, g1, g2, (s1, s2) = _reference(z1, z2, 0.02, 1.0)
     loss, d1, d2 = _fused(z1, z2, lambd=0.02, method="gram")

@@ -1,0 +1,122 @@
+"""Barlow Twins loss: fused Triton (auto, gram, cross) vs the reference as the official code runs
+it (eager, bf16 inputs under torch.autocast(bf16)) vs torch.compile of that reference.
+
+    python -m pytest tests/benchmarks/test_bench_barlow_twins.py --benchmark-only \
+        --benchmark-json bt.json
+
+bf16 inputs, D = 8192, N in {256, 1024, 2048}, forward + backward (torch.autograd.grad of the loss
+with respect to both inputs, so no .grad accumulation is timed); the timed callable ends with
+torch.cuda.synchronize() and rotates over 4 input pairs (fresh data, as from a projector, rather
+than the same 8 MiB staying in L2). extra_info: peak extra memory (MiB above what was allocated
+before the call, the returned gradients included), the flops floor min(8 N^2 D, 6 N D^2) over the
+bf16 matmul rate and the bytes floor (z1, z2 read, dz1, dz2 written) over the copy rate, both
+rates measured in the same session, and measured / floor for the median.
+"""
+import pytest
+import torch
+
+from helpers import rel_err
+from kernels.barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="benchmarks time CUDA kernels; no CUDA device here")
+
+D = 8192
+BATCHES = [256, 1024, 2048]
+PROVIDERS = ["fused_auto", "fused_gram", "fused_cross", "torch", "torch_compile"]
+ROUNDS = 20
+SETS = 4
+MIB = 2 ** 20
+
+_compiled = {}
+
+
+def _ref_autocast(z1, z2):
+    """The official code's arithmetic: BN and C = a^T b / N under bf16 autocast."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return barlow_twins_loss_ref(z1, z2)
+
+
+def _ref_compiled():
+    if "fn" not in _compiled:
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 16))
+        _compiled["fn"] = torch.compile(_ref_autocast, dynamic=False)
+    return _compiled["fn"]
+
+
+def _loss_fn(provider):
+    if provider.startswith("fused_"):
+        method = provider.split("_", 1)[1]
+        return lambda z1, z2: barlow_twins_loss(z1, z2, method=method)
+    return _ref_compiled() if provider == "torch_compile" else _ref_autocast
+
+
+@pytest.fixture(scope="module")
+def rates():
+    """(bf16 matmul flop/s on random 8192^3 data, copy bytes/s counting read + write)."""
+    import triton.testing
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    flops = 2 * 8192 ** 3 / (ms * 1e-3)
+    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    copy = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    del a, b, src, dst
+    torch.cuda.empty_cache()
+    return flops, copy
+
+
+def _peak_extra_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / MIB
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("n", BATCHES, ids=[f"N{n}" for n in BATCHES])
+def test_bench_barlow_twins(benchmark, n, provider, rates):
+    benchmark.group = f"barlow_twins fwd+bwd bf16 N={n} D={D}"
+    fn = _loss_fn(provider)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    sets = [tuple(torch.randn(n, D, device="cuda", generator=g, dtype=torch.bfloat16)
+                  .requires_grad_() for _ in range(2)) for _ in range(SETS)]
+    # the providers compute the same function (bf16: far inside the eager reference's own error)
+    z1, z2 = sets[0]
+    ref = barlow_twins_loss_ref(z1.detach().double(), z2.detach().double())
+    assert rel_err(fn(z1, z2).detach(), ref) < 5e-2
+    it = [0]
+
+    def run():
+        a, b = sets[it[0] % SETS]
+        it[0] += 1
+        grads = torch.autograd.grad(fn(a, b), (a, b))
+        torch.cuda.synchronize()
+        return grads
+
+    for _ in range(3):  # compile (Triton / inductor) outside the timing
+        run()
+    peak = _peak_extra_mib(run)
+    benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    flop_rate, copy_rate = rates
+    flops = min(8 * n * n * D, 6 * n * D * D)
+    n_bytes = 4 * n * D * 2  # z1, z2 read; dz1, dz2 written (bf16)
+    floor_ms = max(flops / flop_rate, n_bytes / copy_rate) * 1e3
+    info = dict(provider=provider, n=n, d=D, dtype="bf16", peak_extra_mib=round(peak, 1),
+                flops=flops, bytes=n_bytes, matmul_tflop_s=round(flop_rate / 1e12, 1),
+                copy_rate_tb_s=round(copy_rate / 1e12, 3), floor_ms=round(floor_ms, 4))
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:  # None when benchmarking is disabled (plain pytest)
+        median_ms = stats.stats.median * 1e3
+        info.update(median_ms=round(median_ms, 4), x_floor=round(median_ms / floor_ms, 2))
+    benchmark.extra_info.update(info)

@@ -245,6 +245,183 @@ def _sqrt_pool_bwd_kernel(
 
 
 @triton.jit
+def _sqrt_pool_fwd_pair_kernel(
+    x_ptr,  # input, NCHW-contiguous
+    y_ptr,  # output, NCHW-contiguous, written once
+    PLANES,  # N*C
+    PH,  # zero padding before row 0 (none along columns on this path)
+    eps,  # added to every window's sum of squares (fp32 scalar)
+    H: tl.constexpr, W: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,  # constexpr: the
+    # compiler then knows each row's alignment and vectorizes the row loads
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,  # column stride is 2, KW is 2 or 3
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """NCHW, column stride 2: tile [planes, output rows, output cols]. Output column j covers
+    input columns 2j, 2j+1 (one contiguous row load, split into even/odd in registers) and, for
+    KW = 3, 2j+2 (a strided load that hits L1)."""
+    pid = tl.program_id(0)
+    tiles_p = tl.cdiv(OW, BLOCK_P)
+    tiles_h = tl.cdiv(OH, BLOCK_H)
+    tp = pid % tiles_p
+    t = pid // tiles_p
+    th = t % tiles_h
+    tc = t // tiles_h
+    c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+    oh = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    j = (tp * BLOCK_P + tl.arange(0, BLOCK_P))[None, None, :]
+    col2 = (tp * 2 * BLOCK_P + tl.arange(0, 2 * BLOCK_P))[None, None, :]  # input columns
+    cm = c < PLANES
+    x_plane = x_ptr + c.to(tl.int64) * (H * W)
+    acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_P], dtype=ACC)
+    for kh in range(KH):
+        h = oh * SH - PH + kh
+        rm = cm & (h >= 0) & (h < H)
+        v = tl.load(x_plane + h * W + col2, mask=rm & (col2 < W), other=0.0).to(ACC)
+        ev, od = tl.split(tl.reshape(v, [BLOCK_C, BLOCK_H, BLOCK_P, 2]))
+        acc += ev * ev + od * od
+        if KW == 3:
+            c3 = 2 * j + 2
+            v3 = tl.load(x_plane + h * W + c3, mask=rm & (c3 < W), other=0.0).to(ACC)
+            acc += v3 * v3
+    y = tl.sqrt(acc + eps)
+    y_off = c.to(tl.int64) * (OH * OW) + oh * OW + j
+    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16),
+             mask=cm & (oh < OH) & (j < OW))
+
+
+@triton.jit
+def _sqrt_pool_bwd_pair_kernel(
+    x_ptr,  # input of the forward, NCHW-contiguous, as dx
+    y_ptr,  # output of the forward (saved), NCHW-contiguous, as dy
+    dy_ptr,  # upstream gradient
+    dx_ptr,  # gradient of x, written once
+    PLANES,  # N*C
+    PH,  # zero padding before row 0 (none along columns on this path)
+    H: tl.constexpr, W: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,  # as in the forward
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,  # column stride is 2, KW is 2 or 3
+    NH: tl.constexpr,  # ceil(KH / SH): windows per input along rows
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """NCHW, column stride 2: tile [planes, input rows, column pairs (2j, 2j+1)]. Both columns
+    of pair j lie in window j (offsets 0, 1); for KW = 3 column 2j is also offset 2 of window
+    j - 1. x and dx move as contiguous rows, y and dy as rows of windows."""
+    pid = tl.program_id(0)
+    tiles_p = tl.cdiv(W, 2 * BLOCK_P)
+    tiles_h = tl.cdiv(H, BLOCK_H)
+    tp = pid % tiles_p
+    t = pid // tiles_p
+    th = t % tiles_h
+    tc = t // tiles_h
+    c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+    h = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    j = (tp * BLOCK_P + tl.arange(0, BLOCK_P))[None, None, :]
+    col2 = (tp * 2 * BLOCK_P + tl.arange(0, 2 * BLOCK_P))[None, None, :]
+    rm = (c < PLANES) & (h < H)
+    x_off = c.to(tl.int64) * (H * W) + h * W + col2
+    xm = rm & (col2 < W)
+    xv = tl.load(x_ptr + x_off, mask=xm, other=0.0).to(ACC)
+    xe, xo = tl.split(tl.reshape(xv, [BLOCK_C, BLOCK_H, BLOCK_P, 2]))
+    y_plane = c.to(tl.int64) * (OH * OW)
+    ge = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_P], dtype=ACC)  # sum of dy/y over windows of col 2j
+    go = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_P], dtype=ACC)  # ... of col 2j+1
+    hp = h + PH
+    for i in tl.static_range(NH):
+        oh = hp // SH - i
+        ok = rm & (oh >= 0) & (oh < OH) & (hp - oh * SH < KH)
+        y_row = y_plane + oh * OW
+        okj = ok & (j < OW)
+        yv = tl.load(y_ptr + y_row + j, mask=okj, other=0.0).to(ACC)
+        dyv = tl.load(dy_ptr + y_row + j, mask=okj, other=0.0).to(ACC)
+        pos = yv > 0  # an all-zero window (y == 0) contributes 0, never NaN
+        g = tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
+        ge += g
+        go += g
+        if KW == 3:
+            jm = j - 1
+            okm = ok & (jm >= 0) & (jm < OW)
+            yv = tl.load(y_ptr + y_row + jm, mask=okm, other=0.0).to(ACC)
+            dyv = tl.load(dy_ptr + y_row + jm, mask=okm, other=0.0).to(ACC)
+            pos = yv > 0
+            ge += tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
+    dxv = tl.reshape(tl.join(xe * ge, xo * go), [BLOCK_C, BLOCK_H, 2 * BLOCK_P])
+    tl.store(dx_ptr + x_off, _cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=xm)
+
+
+@triton.jit
+def _window_g(y_ptr, dy_ptr, off, ok, ACC: tl.constexpr):
+    """dy / y of the windows at ``off`` (0 where masked off or where y == 0: never NaN)."""
+    yv = tl.load(y_ptr + off, mask=ok, other=0.0).to(ACC)
+    dyv = tl.load(dy_ptr + off, mask=ok, other=0.0).to(ACC)
+    pos = yv > 0
+    return tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
+
+
+@triton.jit
+def _sqrt_pool_bwd_quad_kernel(
+    x_ptr,  # input of the forward, NCHW-contiguous, as dx
+    y_ptr,  # output of the forward (saved), NCHW-contiguous, as dy
+    dy_ptr,  # upstream gradient
+    dx_ptr,  # gradient of x, written once
+    PLANES,  # N*C
+    PH,  # zero padding before row 0 (none along columns on this path)
+    H: tl.constexpr, W: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,  # as in the forward
+    KH: tl.constexpr, KW: tl.constexpr,  # 2 or 3 each; the stride is 2 x 2
+    ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
+    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """NCHW, stride 2 x 2: tile [planes, row pairs r, column pairs j]. Window (r, j) owns input
+    rows 2r - PH + {0, 1} and columns 2j + {0, 1}; with KH = 3 the even row is also offset 2 of
+    window r - 1, with KW = 3 the even column of window j - 1. So each window's dy / y is loaded
+    about once per 4 inputs (the per-input gather loads it up to 4 times per input)."""
+    pid = tl.program_id(0)
+    tiles_p = tl.cdiv(W, 2 * BLOCK_P)
+    tiles_r = tl.cdiv(H + PH, 2 * BLOCK_R)
+    tp = pid % tiles_p
+    t = pid // tiles_p
+    tr = t % tiles_r
+    tc = t // tiles_r
+    c = (tc * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+    r = (tr * BLOCK_R + tl.arange(0, BLOCK_R))[None, :, None]
+    j = (tp * BLOCK_P + tl.arange(0, BLOCK_P))[None, None, :]
+    col2 = (tp * 2 * BLOCK_P + tl.arange(0, 2 * BLOCK_P))[None, None, :]
+    cm = c < PLANES
+    y_off = c.to(tl.int64) * (OH * OW) + r * OW + j
+    ok_r = cm & (r < OH)
+    g = _window_g(y_ptr, dy_ptr, y_off, ok_r & (j < OW), ACC)  # window (r, j): every owned input
+    g_even_col = g
+    if KW == 3:  # window (r, j - 1) reaches the even column 2j
+        g_even_col = g_even_col + _window_g(y_ptr, dy_ptr, y_off - 1, ok_r & (j >= 1) & (j - 1 < OW), ACC)
+    g_even_row = g
+    g_even_both = g_even_col
+    if KH == 3:  # window (r - 1, j) reaches the even row
+        ok_u = cm & (r >= 1) & (r - 1 < OH)
+        g_up = _window_g(y_ptr, dy_ptr, y_off - OW, ok_u & (j < OW), ACC)
+        g_even_row = g_even_row + g_up
+        g_even_both = g_even_both + g_up
+        if KW == 3:  # window (r - 1, j - 1) reaches the even row and column
+            g_even_both = g_even_both + _window_g(y_ptr, dy_ptr, y_off - OW - 1,
+                                     ok_u & (j >= 1) & (j - 1 < OW), ACC)
+    x_plane = c.to(tl.int64) * (H * W) + col2
+    for a in tl.static_range(2):  # the window's two owned rows
+        h = 2 * r - PH + a
+        m = cm & (h >= 0) & (h < H) & (col2 < W)
+        off = x_plane + h * W
+        xv = tl.load(x_ptr + off, mask=m, other=0.0).to(ACC)
+        xe, xo = tl.split(tl.reshape(xv, [BLOCK_C, BLOCK_R, BLOCK_P, 2]))
+        if a == 0:
+            dxv = tl.join(xe * g_even_both, xo * g_even_row)
+        else:
+            dxv = tl.join(xe * g_even_col, xo * g)
+        dxv = tl.reshape(dxv, [BLOCK_C, BLOCK_R, 2 * BLOCK_P])
+        tl.store(dx_ptr + off, _cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=m)
+
+
+@triton.jit
 def _sqrt_pool_global_fwd_kernel(
     x_ptr,  # input: element (n, c, p) at n*sxn + c*sxc + p*sxp, p = h*W + w
     y_ptr,  # output N x C x 1 x 1: (n, c) at n*syn + c*syc
@@ -471,10 +648,19 @@ def _tile_2d(planes: int, hw: int, tile: int, cl: bool) -> Tuple[int, int]:
 
 # Candidate launch configurations: (variant, elements per program, num_warps). The first is the
 # default, used for small problems, under the interpreter and during CUDA graph capture; on CUDA
-# a large problem times them all once per shape (_launch). "flat" (NCHW only) tiles
-# [planes, flattened pixels]: the pixel axis is contiguous and, with H*W a multiple of 16,
-# aligned, so loads and stores vectorize; "3d" tiles [channels, rows, cols] and serves both
-# layouts (for NCHW its rows start at multiples of W, which is rarely 16-aligned).
+# a large problem times them all once per shape (_run). Variants:
+#   "pair" (NCHW, column stride 2, no column padding, KW 2 or 3): whole rows as contiguous
+#          vectors, even/odd columns split in registers; H, W, OH, OW are constexpr (compiled
+#          once per map size) so the row loads are provably aligned and vectorize;
+#   "quad" (backward, NCHW, stride 2 x 2, no column padding, KH and KW 2 or 3): a tile of
+#          windows, each loading its dy / y once and writing the 2 x 2 inputs it owns;
+#   "flat" (NCHW): tile [planes, flattened pixels]: aligned when H*W is a multiple of 16;
+#   "3d"   (both layouts): tile [channels, rows, cols]; for channels_last, vectors along C;
+#   "2d"   (global pooling): [channels, flattened pixels].
+# The lists were cut to the configurations that won somewhere on an H100 (docs/performance.md).
+_FWD_PAIR = (("pair", 1024, 4), ("flat", 1024, 4), ("3d", 1024, 4))
+_BWD_PAIR = (("pair", 2048, 4), ("flat", 1024, 4), ("3d", 2048, 4))
+_BWD_QUAD = (("quad", 2048, 4), ("pair", 2048, 4), ("flat", 1024, 4))
 _FWD_NCHW = (("flat", 1024, 4), ("3d", 1024, 4), ("flat", 2048, 4), ("3d", 2048, 8))
 _BWD_NCHW = (("flat", 2048, 4), ("3d", 2048, 4), ("flat", 4096, 8), ("flat", 1024, 4))
 _FWD_CL = (("3d", 1024, 4), ("3d", 2048, 4), ("3d", 4096, 8))
@@ -482,45 +668,69 @@ _BWD_CL = (("3d", 2048, 4), ("3d", 4096, 8), ("3d", 1024, 4))
 _GLOBAL = (("2d", 2048, 4), ("2d", 4096, 8), ("2d", 1024, 4))
 _FLAT_MAX = 1 << 21  # _flat_row_col is exact below this many pixels per plane
 _TUNE_MIN_NUMEL = 1 << 22  # below ~4M inputs a launch takes microseconds: not worth timing
-_TUNED: Dict[tuple, tuple] = {}
 
 
-def _time_ms(launch: Callable[[], None], reps: int = 3) -> float:
+@dataclass
+class _Spec:
+    """One candidate launch with everything but the tensors resolved."""
+
+    name: tuple
+    kernel: object
+    grid: tuple
+    args: tuple  # runtime arguments after the tensors
+    kwargs: dict  # constexprs and num_warps
+
+    def __call__(self, *tensors):
+        self.kernel[self.grid](*tensors, *self.args, **self.kwargs)
+
+
+@dataclass
+class _Plan:
+    specs: list
+    best: Optional[_Spec] = None
+
+
+# (kind, shape, dtype, device, channels_last, geometry) -> _Plan: a call on a known shape skips
+# tiling arithmetic and re-tuning. Small: a model has a handful of shapes.
+_PLANS: Dict[tuple, _Plan] = {}
+
+
+def _time_ms(launch: Callable[[], None], reps: int = 5) -> float:
     launch()  # compile and warm up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        launch()
-    end.record()
-    end.synchronize()  # host-device sync: only on the first call for a shape
-    return start.elapsed_time(end) / reps
+    best = math.inf
+    for _ in range(2):  # best of two: one slow trial (clock ramp, a neighbour) does not decide
+        start.record()
+        for _ in range(reps):
+            launch()
+        end.record()
+        end.synchronize()  # host-device sync: only on the first call for a shape
+        best = min(best, start.elapsed_time(end) / reps)
+    return best
 
 
-def _launch(key: tuple, candidates: Sequence[tuple], launch: Callable[[tuple], None],
-            x: torch.Tensor) -> None:
-    """Run ``launch(candidate)``: the default, or on CUDA for a large problem the fastest one.
+def _run(plan: _Plan, tensors: tuple, x: torch.Tensor) -> None:
+    """Launch the plan's default, or on CUDA for a large problem its fastest candidate.
 
-    The choice is timed once per key (dtype, layout, shape, window, kind) on the real buffers;
-    see the module docstring for why that is safe. No memory is allocated for it.
+    The choice is timed once per plan on the real buffers; see the module docstring for why
+    that is safe. No memory is allocated for it.
     """
-    if (len(candidates) == 1 or x.device.type != "cuda" or x.numel() < _TUNE_MIN_NUMEL
-            or torch.cuda.is_current_stream_capturing()):
-        launch(candidates[0])
-        return
-    best = _TUNED.get(key)
-    if best is None:
-        times = [_time_ms(lambda c=c: launch(c)) for c in candidates]
-        best = candidates[min(range(len(candidates)), key=times.__getitem__)]
-        _TUNED[key] = best
-    launch(best)
+    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            return _run(plan, tensors, x)
+    spec = plan.best
+    if spec is None:
+        if (len(plan.specs) == 1 or x.device.type != "cuda" or x.numel() < _TUNE_MIN_NUMEL
+                or torch.cuda.is_current_stream_capturing()):
+            spec = plan.specs[0]
+        else:
+            times = [_time_ms(lambda c=c: c(*tensors)) for c in plan.specs]
+            spec = plan.best = plan.specs[min(range(len(times)), key=times.__getitem__)]
+    spec(*tensors)
 
 
-def _device_ctx(x: torch.Tensor):
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _acc_dtype(x: torch.Tensor):
-    return tl.float64 if x.dtype == torch.float64 else tl.float32
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _check_out(out: Optional[torch.Tensor], shape, like: torch.Tensor, fmt, name: str):
@@ -537,50 +747,133 @@ def _check_out(out: Optional[torch.Tensor], shape, like: torch.Tensor, fmt, name
     return out
 
 
-def _stencil_grid(cand: tuple, nb: int, planes: int, rows: int, cols: int, cl: bool):
-    """(grid, BLOCK_C, BLOCK_H, BLOCK_W, FLAT) of a stencil launch over rows x cols positions."""
-    variant, tile, _ = cand
-    if variant == "flat":
-        if cl or rows * cols >= _FLAT_MAX:
-            raise ValueError(f"{_OP}: the flat tiling needs NCHW and < {_FLAT_MAX} pixels per map")
-        bc, bp = _tile_flat(planes, rows * cols, tile)
-        return (triton.cdiv(planes, bc) * triton.cdiv(rows * cols, bp),), bc, 1, bp, True
-    bc, bh, bw = _tile_3d(planes, rows, cols, tile, cl)
-    grid = (nb * triton.cdiv(planes, bc) * triton.cdiv(rows, bh) * triton.cdiv(cols, bw),)
-    return grid, bc, bh, bw, False
+def _pair_ok(g: _Geometry, cl: bool) -> bool:
+    return not cl and not g.whole and g.sw == 2 and g.pw == 0 and g.kw in (2, 3)
+
+
+def _quad_ok(g: _Geometry, cl: bool) -> bool:
+    return _pair_ok(g, cl) and g.sh == 2 and g.kh in (2, 3)
+
+
+def _specs(kind: str, shape, dtype: torch.dtype, device: torch.device, cl: bool, g: _Geometry,
+           candidates: Optional[Sequence[tuple]]) -> list:
+    """Every candidate launch of ``kind`` ("fwd" or "bwd") for this problem, default first."""
+    N, C, H, W = shape
+    nb, planes, sxn, sxc, sxh, sxw = _strides(N, C, H, W, cl)
+    _, _, syn, syc, syh, syw = _strides(N, C, g.oh, g.ow, cl)
+    fwd = kind == "fwd"
+    if candidates is None:
+        if g.whole:
+            candidates = _GLOBAL
+        elif _pair_ok(g, cl):
+            candidates = _FWD_PAIR if fwd else (_BWD_QUAD if _quad_ok(g, cl) else _BWD_PAIR)
+        elif cl or (g.oh * g.ow if fwd else H * W) >= _FLAT_MAX:
+            candidates = _FWD_CL if fwd else _BWD_CL  # "3d" only
+        else:
+            candidates = _FWD_NCHW if fwd else _BWD_NCHW
+    common = dict(ACC=_acc_dtype(dtype),
+                  RTNE_BF16=device.type == "cpu" and dtype == torch.bfloat16)  # interpreter
+    nh, nw = -(-g.kh // g.sh), -(-g.kw // g.sw)
+    specs = []
+    for cand in candidates:
+        variant, tile, warps = cand
+        kw = dict(common, num_warps=warps)
+        if variant == "2d":
+            if not g.whole:
+                raise ValueError(f"{_OP}: the 2d variant is for global pooling only")
+            bc, bp = _tile_2d(planes, H * W, tile, cl)
+            kw.update(BLOCK_C=bc, BLOCK_P=bp)
+            if fwd:
+                specs.append(_Spec(cand, _sqrt_pool_global_fwd_kernel,
+                                   (nb * triton.cdiv(planes, bc),),
+                                   (planes, H * W, sxn, sxc, sxw, syn, syc, g.eps), kw))
+            else:
+                specs.append(_Spec(cand, _sqrt_pool_global_bwd_kernel,
+                                   (nb * triton.cdiv(planes, bc) * triton.cdiv(H * W, bp),),
+                                   (planes, H * W, sxn, sxc, sxw, syn, syc), kw))
+            continue
+        if g.whole:
+            raise ValueError(f"{_OP}: global pooling runs the 2d variant only, got {cand}")
+        if variant == "quad":
+            if fwd or not _quad_ok(g, cl):
+                raise ValueError(f"{_OP}: the quad variant is a backward for NCHW, stride 2 x 2, no "
+                                 f"column padding and a window of 2 or 3 per axis")
+            bp = min(_next_pow2(-(-W // 2)), 64)
+            rows2 = -(-(H + g.ph) // 2)  # row pairs
+            br = _fit(rows2, max(1, tile // (4 * bp)))
+            bc = min(_next_pow2(planes), max(1, tile // (4 * br * bp)))
+            grid = (triton.cdiv(planes, bc) * triton.cdiv(rows2, br) * triton.cdiv(W, 2 * bp),)
+            kw.update(H=H, W=W, OH=g.oh, OW=g.ow, KH=g.kh, KW=g.kw, BLOCK_C=bc, BLOCK_R=br,
+                      BLOCK_P=bp)
+            specs.append(_Spec(cand, _sqrt_pool_bwd_quad_kernel, grid, (planes, g.ph), kw))
+            continue
+        if variant == "pair":
+            if not _pair_ok(g, cl):
+                raise ValueError(f"{_OP}: the pair variant needs NCHW, column stride 2, no column "
+                                 f"padding and a window 2 or 3 columns wide")
+            kw.update(H=H, W=W, OH=g.oh, OW=g.ow, KH=g.kh, KW=g.kw, SH=g.sh)
+            if fwd:
+                bp = min(_next_pow2(g.ow), 64)
+                bh = _fit(g.oh, max(1, tile // bp))
+                bc = min(_next_pow2(planes), max(1, tile // (bh * bp)))
+                grid = (triton.cdiv(planes, bc) * triton.cdiv(g.oh, bh) * triton.cdiv(g.ow, bp),)
+                kw.update(BLOCK_C=bc, BLOCK_H=bh, BLOCK_P=bp)
+                specs.append(_Spec(cand, _sqrt_pool_fwd_pair_kernel, grid,
+                                   (planes, g.ph, g.eps), kw))
+            else:
+                bp = min(_next_pow2(-(-W // 2)), 64)
+                bh = _fit(H, max(1, tile // (2 * bp)))
+                bc = min(_next_pow2(planes), max(1, tile // (bh * 2 * bp)))
+                grid = (triton.cdiv(planes, bc) * triton.cdiv(H, bh) * triton.cdiv(W, 2 * bp),)
+                kw.update(NH=nh, BLOCK_C=bc, BLOCK_H=bh, BLOCK_P=bp)
+                specs.append(_Spec(cand, _sqrt_pool_bwd_pair_kernel, grid, (planes, g.ph), kw))
+            continue
+        rows, cols = (g.oh, g.ow) if fwd else (H, W)
+        if variant == "flat":
+            if cl or rows * cols >= _FLAT_MAX:
+                raise ValueError(f"{_OP}: the flat variant needs NCHW and < {_FLAT_MAX} pixels "
+                                 f"per map")
+            bc, bp = _tile_flat(planes, rows * cols, tile)
+            grid = (triton.cdiv(planes, bc) * triton.cdiv(rows * cols, bp),)
+            bh, bw, flat = 1, bp, True
+        elif variant == "3d":
+            bc, bh, bw = _tile_3d(planes, rows, cols, tile, cl)
+            grid = (nb * triton.cdiv(planes, bc) * triton.cdiv(rows, bh) * triton.cdiv(cols, bw),)
+            flat = False
+        else:
+            raise ValueError(f"{_OP}: unknown launch variant {variant!r}")
+        kw.update(KH=g.kh, KW=g.kw, SH=g.sh, SW=g.sw, FLAT=flat, BLOCK_C=bc, BLOCK_H=bh,
+                  BLOCK_W=bw)
+        geo = (planes, H, W, g.oh, g.ow, g.ph, g.pw, sxn, sxc, sxh, sxw, syn, syc, syh, syw)
+        if fwd:
+            specs.append(_Spec(cand, _sqrt_pool_fwd_kernel, grid,
+                               geo + (g.eps, 1.0 / g.ow), kw))
+        else:
+            kw.update(NH=nh, NW=nw)
+            specs.append(_Spec(cand, _sqrt_pool_bwd_kernel, grid, geo + (1.0 / W,), kw))
+    return specs
+
+
+def _plan(kind: str, x: torch.Tensor, cl: bool, g: _Geometry,
+          candidates: Optional[Sequence[tuple]]) -> _Plan:
+    if candidates is not None:  # explicit candidates (tests, sweeps): not cached
+        return _Plan(_specs(kind, x.shape, x.dtype, x.device, cl, g, candidates))
+    key = (kind, x.shape, x.dtype, x.device, cl, g)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(_specs(kind, x.shape, x.dtype, x.device, cl, g, None))
+    return plan
 
 
 def _fwd(x: torch.Tensor, g: _Geometry, out: Optional[torch.Tensor] = None,
          candidates: Optional[Sequence[tuple]] = None) -> torch.Tensor:
     x, fmt = _dense(x)
     cl = fmt is torch.channels_last
-    N, C, H, W = x.shape
+    N, C = x.shape[0], x.shape[1]
     y = _check_out(out, (N, C, g.oh, g.ow), x, fmt, "out")
     if y.numel() == 0:
         return y
-    nb, planes, sxn, sxc, sxh, sxw = _strides(N, C, H, W, cl)
-    _, _, syn, syc, syh, syw = _strides(N, C, g.oh, g.ow, cl)
-    acc = _acc_dtype(x)
-    rtne = x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter
-    if g.whole:
-        def launch(cand):
-            bc, bp = _tile_2d(planes, H * W, cand[1], cl)
-            _sqrt_pool_global_fwd_kernel[(nb * triton.cdiv(planes, bc),)](
-                x, y, planes, H * W, sxn, sxc, sxw, syn, syc, g.eps,
-                ACC=acc, RTNE_BF16=rtne, BLOCK_C=bc, BLOCK_P=bp, num_warps=cand[2])
-        default = _GLOBAL
-    else:
-        def launch(cand):
-            grid, bc, bh, bw, flat = _stencil_grid(cand, nb, planes, g.oh, g.ow, cl)
-            _sqrt_pool_fwd_kernel[grid](
-                x, y, planes, H, W, g.oh, g.ow, g.ph, g.pw, sxn, sxc, sxh, sxw,
-                syn, syc, syh, syw, g.eps, 1.0 / g.ow, KH=g.kh, KW=g.kw, SH=g.sh, SW=g.sw,
-                ACC=acc, RTNE_BF16=rtne, FLAT=flat, BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw,
-                num_warps=cand[2])
-        default = _FWD_CL if cl or g.oh * g.ow >= _FLAT_MAX else _FWD_NCHW
-    key = ("fwd", x.device, x.dtype, cl, tuple(x.shape), g)
-    with _device_ctx(x):
-        _launch(key, candidates or default, launch, x)
+    _run(_plan("fwd", x, cl, g, candidates), (x, y), x)
     return y
 
 
@@ -589,7 +882,7 @@ def _bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, g: _Geometry,
          candidates: Optional[Sequence[tuple]] = None) -> torch.Tensor:
     x, fmt = _dense(x)
     cl = fmt is torch.channels_last
-    N, C, H, W = x.shape
+    N, C = x.shape[0], x.shape[1]
     y_shape = (N, C, g.oh, g.ow)
     for name, t in (("y", y), ("dy", dy)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != y_shape:
@@ -597,38 +890,16 @@ def _bwd(x: torch.Tensor, y: torch.Tensor, dy: torch.Tensor, g: _Geometry,
             raise ValueError(f"{_OP}: {name} must have the output shape {y_shape}, got {got}")
         if t.dtype != x.dtype:
             raise TypeError(f"{_OP}: {name} must have the dtype of x ({x.dtype}), got {t.dtype}")
-    check_triton_device(_OP, x, y, dy)
+    if y.device != x.device or dy.device != x.device:
+        check_triton_device(_OP, x, y, dy)
     # y and dy in x's layout: no copy for the forward's own y and an ordinary dy; an expanded dy
     # (e.g. from .sum()) becomes a y-sized dense copy, small next to x
     y = y.contiguous(memory_format=fmt)
     dy = dy.contiguous(memory_format=fmt)
-    dx = _check_out(out, (N, C, H, W), x, fmt, "out")
+    dx = _check_out(out, x.shape, x, fmt, "out")
     if dx.numel() == 0:
         return dx
-    nb, planes, sxn, sxc, sxh, sxw = _strides(N, C, H, W, cl)
-    _, _, syn, syc, syh, syw = _strides(N, C, g.oh, g.ow, cl)
-    acc = _acc_dtype(x)
-    rtne = x.device.type == "cpu" and x.dtype == torch.bfloat16  # interpreter
-    if g.whole:
-        def launch(cand):
-            bc, bp = _tile_2d(planes, H * W, cand[1], cl)
-            grid = (nb * triton.cdiv(planes, bc) * triton.cdiv(H * W, bp),)
-            _sqrt_pool_global_bwd_kernel[grid](
-                x, y, dy, dx, planes, H * W, sxn, sxc, sxw, syn, syc,
-                ACC=acc, RTNE_BF16=rtne, BLOCK_C=bc, BLOCK_P=bp, num_warps=cand[2])
-        default = _GLOBAL
-    else:
-        def launch(cand):
-            grid, bc, bh, bw, flat = _stencil_grid(cand, nb, planes, H, W, cl)
-            _sqrt_pool_bwd_kernel[grid](
-                x, y, dy, dx, planes, H, W, g.oh, g.ow, g.ph, g.pw, sxn, sxc, sxh, sxw,
-                syn, syc, syh, syw, 1.0 / W, KH=g.kh, KW=g.kw, SH=g.sh, SW=g.sw,
-                NH=-(-g.kh // g.sh), NW=-(-g.kw // g.sw), ACC=acc, RTNE_BF16=rtne, FLAT=flat,
-                BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw, num_warps=cand[2])
-        default = _BWD_CL if cl or H * W >= _FLAT_MAX else _BWD_NCHW
-    key = ("bwd", x.device, x.dtype, cl, tuple(x.shape), g)
-    with _device_ctx(x):
-        _launch(key, candidates or default, launch, x)
+    _run(_plan("bwd", x, cl, g, candidates), (x, y, dy, dx), x)
     return dx
 
 

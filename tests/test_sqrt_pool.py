@@ -32,6 +32,14 @@ CASES = [
     ((2, 3, 6, 5), dict(kernel_size=None, eps=0.25)),
     ((2, 3, 6, 5), dict(kernel_size=(6, 5), stride=(6, 5))),
     ((1, 3, 5, 5), dict(kernel_size=5, padding=2)),
+    # the NCHW "pair" path (column stride 2, no column padding, KW 2 or 3) with row padding,
+    # row stride 1, odd widths and ceil_mode
+    ((2, 3, 9, 11), dict(kernel_size=3, stride=(1, 2), padding=(1, 0))),
+    ((1, 4, 9, 11), dict(kernel_size=3, stride=2, ceil_mode=True)),
+    ((2, 3, 7, 10), dict(kernel_size=(2, 3), stride=2, eps=0.3)),
+    # the NCHW "quad" backward (stride 2 x 2) with row padding and a 3 x 2 window
+    ((2, 3, 9, 10), dict(kernel_size=3, stride=2, padding=(1, 0))),
+    ((1, 3, 10, 9), dict(kernel_size=(3, 2), stride=2)),
 ]
 
 
@@ -185,15 +193,19 @@ def test_every_output_element_is_written(kw, layout, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=None)],
-                         ids=["k3s2p1", "global"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2),
+                                dict(kernel_size=None)], ids=["k3s2p1", "k3s2", "global"])
 def test_every_launch_candidate(kw, layout, device):
     """On CUDA the launcher may pick any candidate (timed once per shape): each must be right."""
+    if layout == "channels_last" and kw == dict(kernel_size=3, stride=2):
+        pytest.skip("the same channels_last candidates as k3s2p1 (this case is for NCHW pair)")
     x = _input((3, 20, 13, 12), torch.float32, device, layout, requires_grad=False)
     g = sp._geometry(x, sp._check_params(kw.get("kernel_size"), kw.get("stride"),
                                          kw.get("padding", 0), 0.0, False))
     if g.whole:
         fwd_cands = bwd_cands = sp._GLOBAL
+    elif layout == "nchw" and sp._quad_ok(g, False):
+        fwd_cands, bwd_cands = sp._FWD_PAIR, sp._BWD_QUAD + sp._BWD_PAIR[2:]
     elif layout == "nchw":
         fwd_cands, bwd_cands = sp._FWD_NCHW, sp._BWD_NCHW
     else:
@@ -206,6 +218,24 @@ def test_every_launch_candidate(kw, layout, device):
     y = sp._fwd(x, g)
     for cand in bwd_cands:
         _assert_fp32_close(sp._bwd(x, y, dy, g, candidates=(cand,)), dx_ref, f"dx {cand}")
+
+
+@pytest.mark.parametrize("shape,kw,layout,variants", [
+    ((2, 3, 8, 8), dict(kernel_size=2), "nchw", ("pair", "quad")),
+    ((2, 3, 8, 9), dict(kernel_size=3, stride=2), "nchw", ("pair", "quad")),
+    ((2, 3, 8, 9), dict(kernel_size=3, stride=(1, 2)), "nchw", ("pair", "pair")),
+    ((2, 3, 8, 8), dict(kernel_size=3, stride=2, padding=1), "nchw", ("flat", "flat")),
+    ((2, 3, 8, 8), dict(kernel_size=2), "channels_last", ("3d", "3d")),
+    ((2, 3, 8, 8), dict(kernel_size=(8, 8)), "nchw", ("2d", "2d")),
+])
+def test_default_variant(shape, kw, layout, variants, device):
+    """Which tiling a shape gets by default (the one small problems and the interpreter run)."""
+    x = _input(shape, torch.float32, device, layout, requires_grad=False)
+    g = sp._geometry(x, sp._check_params(kw["kernel_size"], kw.get("stride"),
+                                         kw.get("padding", 0), 0.0, False))
+    for kind, variant in zip(("fwd", "bwd"), variants):
+        plan = sp._plan(kind, x, layout == "channels_last", g, None)
+        assert plan.specs[0].name[0] == variant, kind
 
 
 @pytest.mark.parametrize("cols", [1, 3, 7, 28, 56, 97, 1447, 2047])
@@ -223,7 +253,8 @@ def test_flat_row_col_is_exact(cols):
     (dict(kernel_size=2, stride=1, eps=0.1), "channels_last"),
     (dict(kernel_size=(3, 2), stride=(1, 2), ceil_mode=True), "nchw"),
     (dict(kernel_size=None), "channels_last"),
-], ids=["k3s2p1", "k2s1eps-cl", "k32s12ceil", "global-cl"])
+    (dict(kernel_size=3, stride=2, padding=(1, 0)), "nchw"),
+], ids=["k3s2p1", "k2s1eps-cl", "k32s12ceil", "global-cl", "k3s2p10-quad"])
 def test_gradcheck_fp64(kw, layout, device):
     # fast_mode (random projections of the Jacobian) keeps this to ~1 s under the interpreter;
     # with rtol 1e-6 (default 1e-3) a backward scaled by 1.0001 fails it

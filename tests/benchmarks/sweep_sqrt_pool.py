@@ -51,28 +51,72 @@ def _copy_rate() -> float:
     return rate
 
 
-def sweep(out_path: str, deadline_s: float) -> None:
+def sweep(out_path: str, deadline_s: float, layouts=("nchw", "cl")) -> None:
     from kernels import sqrt_pool as sp
     from kernels import sqrt_pool2d_ref
     t_end = time.time() + deadline_s
     rate = _copy_rate()
     print(f"copy rate {rate / 1e12:.3f} TB/s (read + write, 1 GiB bf16 copy, do_bench median)")
     rows = []
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
+
+    def save():  # after every row: a stage killed by its time limit keeps what it measured
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(copy_rate_tb_s=rate / 1e12, device=device, torch=torch.__version__,
+                           rows=rows), f, indent=1)
+        os.replace(tmp, out_path)
+
+    print("global pooling (kernel_size=None), bf16, batch 256: fused fwd / bwd vs eager reference")
+    for C, H, W in GLOBAL_SHAPES:
+        for layout in ("nchw", "cl"):
+            if time.time() > t_end:
+                break
+            fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+            x = torch.randn(BATCH, C, H, W, device=DEVICE, dtype=torch.bfloat16)
+            x = x.contiguous(memory_format=fmt)
+            g = sp._geometry(x, sp._check_params(None, None, 0, 0.0, False))
+            xg = x.detach().requires_grad_(True)
+            y_ref = sqrt_pool2d_ref(xg)
+            dy = torch.randn_like(y_ref)
+            (dx_ref,) = torch.autograd.grad(y_ref, xg, dy)
+            y = sp._fwd(x, g)
+            dx = sp._bwd(x, y, dy, g)
+            err = max(rel_err(y, y_ref), rel_err(dx, dx_ref))
+            ms_f = _bench_ms(lambda: sp._fwd(x, g, out=y))
+            ms_b = _bench_ms(lambda: sp._bwd(x, y, dy, g, out=dx))
+            ms_e = _bench_ms(lambda: sqrt_pool2d_ref(x))
+            fl_f = (x.nbytes + y.nbytes) / rate * 1e3
+            fl_b = (2 * x.nbytes + 2 * y.nbytes) / rate * 1e3
+            rows.append(dict(shape=[BATCH, C, H, W], k=None, layout=layout, fwd_ms=ms_f,
+                             bwd_ms=ms_b, ref_fwd_ms=ms_e, fwd_floor_ms=fl_f, bwd_floor_ms=fl_b,
+                             rel_err=err))
+            save()
+            print(f"{'x'.join(map(str, (BATCH, C, H, W))):>16} {layout:>6} | fwd {ms_f:.4f} ms "
+                  f"({ms_f / fl_f:.2f}x floor)  bwd {ms_b:.4f} ms ({ms_b / fl_b:.2f}x floor)  "
+                  f"ref fwd {ms_e:.4f} ms  err {err:.1e}")
+            del x, xg, y, dy, dx, y_ref, dx_ref
+    if time.time() > t_end:
+        print("sweep: deadline reached")
     hdr = (f"{'shape':>16} {'win':>5} {'layout':>6} | {'fwd best':>12} {'ms':>7} {'xfl':>5} "
            f"{'fwd all (ms)':>30} | {'bwd best':>12} {'ms':>7} {'xfl':>5} {'bwd all (ms)':>30}")
     print(hdr)
     for C, H, W in SHAPES:
         for k, s in WINDOWS:
-            for layout in ("nchw", "cl"):
+            for layout in layouts:
                 if time.time() > t_end:
-                    print("sweep: deadline reached, stopping")
                     break
                 fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
                 x = torch.randn(BATCH, C, H, W, device=DEVICE, dtype=torch.bfloat16)
                 x = x.contiguous(memory_format=fmt)
                 g = sp._geometry(x, sp._check_params(k, s, 0, 0.0, False))
-                fwd_c = sp._FWD_CL if layout == "cl" else sp._FWD_NCHW
-                bwd_c = sp._BWD_CL if layout == "cl" else sp._BWD_NCHW
+                if layout == "cl":
+                    fwd_c, bwd_c = sp._FWD_CL, sp._BWD_CL
+                elif sp._pair_ok(g, False):
+                    fwd_c = sp._FWD_PAIR
+                    bwd_c = sp._BWD_QUAD if sp._quad_ok(g, False) else sp._BWD_PAIR
+                else:
+                    fwd_c, bwd_c = sp._FWD_NCHW, sp._BWD_NCHW
                 xg = x.detach().requires_grad_(True)
                 y_ref = sqrt_pool2d_ref(xg, k, s)
                 dy = torch.randn_like(y_ref)
@@ -101,6 +145,7 @@ def sweep(out_path: str, deadline_s: float) -> None:
                            bwd={_c(c): v for c, v in bwd.items()},
                            fwd_floor_ms=fl_f, bwd_floor_ms=fl_b, worst_rel_err=worst_err)
                 rows.append(row)
+                save()
                 f_all = " ".join(f"{fwd[c][0]:.3f}" for c in fwd_c)
                 b_all = " ".join(f"{bwd[c][0]:.3f}" for c in bwd_c)
                 print(f"{'x'.join(map(str, (BATCH, C, H, W))):>16} {f'k{k}s{s}':>5} {layout:>6} | "
@@ -108,40 +153,7 @@ def sweep(out_path: str, deadline_s: float) -> None:
                       f"{_c(bb):>12} {bwd[bb][0]:7.3f} {bwd[bb][0] / fl_b:5.2f} {b_all:>30}"
                       f"  err<={worst_err:.1e}{'  BAD' if worst_err > 1e-2 else ''}")
                 del x, xg, y, dy, dx, y_ref, dx_ref
-    print("global pooling (kernel_size=None), bf16, batch 256: fused fwd / bwd vs eager reference")
-    for C, H, W in GLOBAL_SHAPES:
-        for layout in ("nchw", "cl"):
-            if time.time() > t_end:
-                break
-            fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-            x = torch.randn(BATCH, C, H, W, device=DEVICE, dtype=torch.bfloat16)
-            x = x.contiguous(memory_format=fmt)
-            g = sp._geometry(x, sp._check_params(None, None, 0, 0.0, False))
-            xg = x.detach().requires_grad_(True)
-            y_ref = sqrt_pool2d_ref(xg)
-            dy = torch.randn_like(y_ref)
-            (dx_ref,) = torch.autograd.grad(y_ref, xg, dy)
-            y = sp._fwd(x, g)
-            dx = sp._bwd(x, y, dy, g)
-            err = max(rel_err(y, y_ref), rel_err(dx, dx_ref))
-            ms_f = _bench_ms(lambda: sp._fwd(x, g, out=y))
-            ms_b = _bench_ms(lambda: sp._bwd(x, y, dy, g, out=dx))
-            ms_e = _bench_ms(lambda: sqrt_pool2d_ref(x))
-            fl_f = (x.nbytes + y.nbytes) / rate * 1e3
-            fl_b = (2 * x.nbytes + 2 * y.nbytes) / rate * 1e3
-            rows.append(dict(shape=[BATCH, C, H, W], k=None, layout=layout, fwd_ms=ms_f,
-                             bwd_ms=ms_b, ref_fwd_ms=ms_e, fwd_floor_ms=fl_f, bwd_floor_ms=fl_b,
-                             rel_err=err))
-            print(f"{'x'.join(map(str, (BATCH, C, H, W))):>16} {layout:>6} | fwd {ms_f:.4f} ms "
-                  f"({ms_f / fl_f:.2f}x floor)  bwd {ms_b:.4f} ms ({ms_b / fl_b:.2f}x floor)  "
-                  f"ref fwd {ms_e:.4f} ms  err {err:.1e}")
-            del x, xg, y, dy, dx, y_ref, dx_ref
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
-        json.dump(dict(copy_rate_tb_s=rate / 1e12, device=device, torch=torch.__version__,
-                       rows=rows), f, indent=1)
-    os.replace(tmp, out_path)
+    save()
 
 
 def summarize(path: str) -> int:
@@ -156,7 +168,8 @@ def summarize(path: str) -> int:
     dev = data.get("machine_info", {}).get("node", "?")
     print(f"sqrt_pool benchmarks ({path}, host {dev}); medians in ms (IQR); bf16")
     print(f"{'shape':>16} {'win':>5} {'mode':>7} | {'fused':>15} {'eager':>15} {'compile':>15} | "
-          f"{'vs cmp':>6} {'vs eag':>6} | {'floor':>6} {'xfl':>5} | {'MiB f/e/c':>17} | bar")
+          f"{'vs cmp':>6} {'vs eag':>6} | {'floor':>6} {'xfl':>5} | {'MiB f/e/c':>17} | bar  "
+          f"fused variant fwd/bwd")
     ok_all = True
     for key in sorted(res, key=lambda k: (-k[0][2], k[1], k[3])):
         shape, k, s, mode = key
@@ -175,7 +188,8 @@ def summarize(path: str) -> int:
         print(f"{'x'.join(map(str, shape)):>16} {f'k{k}s{s}':>5} {mode:>7} | "
               f"{f[0]:7.4f} ({f[1]:5.3f}) {e[0]:7.4f} ({e[1]:5.3f}) {c[0]:7.4f} ({c[1]:5.3f}) | "
               f"{vc:6.2f} {ve:6.2f} | {floor:6.4f} {xfl:5.2f} | "
-              f"{mem[0]:5.0f}/{mem[1]:5.0f}/{mem[2]:5.0f} | {bar}")
+              f"{mem[0]:5.0f}/{mem[1]:5.0f}/{mem[2]:5.0f} | {bar:4} "
+              f"{f[2].get('fwd_variant', '-')}/{f[2].get('bwd_variant', '-')}")
     any_e = next(iter(res.values()))
     print(f"copy rate {next(iter(any_e.values()))[2]['copy_rate_tb_s']} TB/s; bar (full): "
           f">=1.5x compile, >=6x eager, peak <= compile, 56x56 within 1.3x floor: "
@@ -189,6 +203,7 @@ def main() -> int:
     p = sub.add_parser("sweep")
     p.add_argument("--out", required=True)
     p.add_argument("--deadline-s", type=float, default=1e9)
+    p.add_argument("--layouts", default="nchw,cl", help="stencil layouts to sweep: nchw, cl")
     p = sub.add_parser("summarize")
     p.add_argument("json")
     a = ap.parse_args()
@@ -196,7 +211,7 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("sweep needs CUDA", file=sys.stderr)
             return 2
-        sweep(a.out, a.deadline_s)
+        sweep(a.out, a.deadline_s, tuple(a.layouts.split(",")))
         return 0
     return summarize(a.json)
 

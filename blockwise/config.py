@@ -78,6 +78,10 @@ class Config:
                                     "positions); default: global pooling")
     projector: Optional[str] = _f(None, "projector widths, e.g. 8192-8192-8192 (default: that, "
                                   "as the paper; 512-512-512 for digits)")
+    split_views: bool = _f(False, "back-propagate the two views one after the other: half the "
+                           "activation memory of a step, for one extra forward (no graph) of each "
+                           "block and head; exact (per-view BatchNorm statistics as in the joint "
+                           "step). Applies to every mode, e2e included")
     noise_std: float = _f(0.0, "noise at block outputs during training: x + std * N(0,1) * std(x) "
                           "(the paper uses 0.25; 0 = off)")
     # ---- loss

@@ -152,7 +152,8 @@ class _NoProfiler:
 
 
 class Stage(nn.Module):
-    """Block k and its head: ``forward(x1, x2) -> (f1, f2, loss)``; f: block outputs (with noise)."""
+    """Block k and its head. ``forward(x1, x2) -> (f1, f2, loss)`` (f: block outputs, with noise);
+    ``forward(x) -> (f, z)``: one view's block output and embedding (``--split-views``)."""
 
     def __init__(self, index: int, block: nn.Module, head: nn.Module, loss_fn: BarlowTwinsLoss,
                  noise_std: float, prof=None):
@@ -161,8 +162,13 @@ class Stage(nn.Module):
         self.loss_fn, self.noise_std = loss_fn, noise_std
         self.prof = prof or _NoProfiler()
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor):
+    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
         name = f"block{self.index + 1}"
+        if x2 is None:
+            with self.prof.window(f"{name}/forward"):
+                f = models.add_noise(self.block(x1), self.noise_std, self.training)
+            with self.prof.window(f"{name}/head"):
+                return f, self.head(f)
         with self.prof.window(f"{name}/forward"):
             f1 = models.add_noise(self.block(x1), self.noise_std, self.training)
             f2 = models.add_noise(self.block(x2), self.noise_std, self.training)
@@ -172,7 +178,8 @@ class Stage(nn.Module):
 
 
 class EndToEnd(nn.Module):
-    """All 4 blocks and one head on block 4: ``forward(x1, x2) -> loss``."""
+    """All 4 blocks and one head on block 4: ``forward(x1, x2) -> loss``; ``forward(x) -> (f, z)``:
+    one view's block-4 output and embedding (``--split-views``)."""
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, loss_fn: BarlowTwinsLoss,
                  noise_std: float, prof=None):
@@ -181,13 +188,26 @@ class EndToEnd(nn.Module):
         self.loss_fn, self.noise_std = loss_fn, noise_std
         self.prof = prof or _NoProfiler()
 
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
+        views = [x1] if x2 is None else [x1, x2]
         for k, block in enumerate(self.blocks):
             with self.prof.window(f"block{k + 1}/forward"):
-                x1 = models.add_noise(block(x1), self.noise_std, self.training)
-                x2 = models.add_noise(block(x2), self.noise_std, self.training)
+                views = [models.add_noise(block(x), self.noise_std, self.training) for x in views]
         with self.prof.window("head"):
-            return self.loss_fn(self.head(x1), self.head(x2))
+            if x2 is None:
+                return views[0], self.head(views[0])
+            return self.loss_fn(self.head(views[0]), self.head(views[1]))
+
+
+def _bn_buffers(module: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of every BatchNorm running statistic in ``module``."""
+    out = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    out.append((buf, buf.clone()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,10 +509,13 @@ class Trainer:
             if self.cfg.mode == "e2e":
                 self._mem_begin()
                 optim.set_lr(self.optimizers[3], lr)
-                with self._autocast():
-                    loss = self.model(x1, x2)  # windows block{k}/forward and head inside
-                with prof.window("backward"):
-                    (loss * self.loss_fn.grad_factor).backward()
+                if self.cfg.split_views:
+                    _, _, loss = self._split_views(self.model, x1, x2, "backward")
+                else:
+                    with self._autocast():
+                        loss = self.model(x1, x2)  # windows block{k}/forward and head inside
+                    with prof.window("backward"):
+                        (loss * self.loss_fn.grad_factor).backward()
                 with prof.window("optimizer"):
                     self.optimizers[3].step()
                     self.optimizers[3].zero_grad(set_to_none=True)
@@ -516,11 +539,15 @@ class Trainer:
                         self._mem_begin()
                     optimizer = self.optimizers[k]
                     optim.set_lr(optimizer, lr)
-                    with self._autocast():
-                        f1, f2, loss = self.stages[k](x1, x2)  # block{k}/forward, block{k}/head
-                    with prof.window(f"block{k + 1}/backward"):
-                        # frees block k's graph: its activations are gone before block k+1 runs
-                        (loss * self.loss_fn.grad_factor).backward()
+                    if self.cfg.split_views:
+                        f1, f2, loss = self._split_views(self.stages[k], x1, x2,
+                                                         f"block{k + 1}/backward")
+                    else:
+                        with self._autocast():
+                            f1, f2, loss = self.stages[k](x1, x2)  # block{k}/forward, /head
+                        with prof.window(f"block{k + 1}/backward"):
+                            # frees block k's graph: its activations are gone before block k+1
+                            (loss * self.loss_fn.grad_factor).backward()
                     with prof.window(f"block{k + 1}/optimizer"):
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -532,6 +559,59 @@ class Trainer:
             if self.cfg.mode == "sequential":
                 self._mem_end(f"block{b + 1}")
             return torch.stack(losses)
+
+    def _split_views(self, module: nn.Module, x1: torch.Tensor, x2: torch.Tensor,
+                     backward_window: str):
+        """Back-propagate the two views one after the other (``--split-views``).
+
+        The loss couples the views (view 1's gradient needs z2), so view 2 first runs without a
+        graph for its embedding (BatchNorm running statistics restored afterwards), then view 1
+        with a graph: loss, backward (view 1's graph freed), then view 2 again with a graph:
+        loss against the detached z1, backward; the parameter gradients add up to the joint
+        step's. Only one view's activations are alive at a time (half the joint step's), for one
+        extra forward without graph. With noise, view 2 gets the same noise in both of its passes.
+        Returns (f1, f2, loss) like the joint step.
+        """
+        factor = self.loss_fn.grad_factor
+        rng = self._device_rng() if self.cfg.noise_std > 0 else None
+        saved = _bn_buffers(module)
+        with torch.no_grad(), self._autocast():
+            _, z2 = module(x2)  # view 2's embedding, no graph
+        for buf, copy in saved:
+            buf.copy_(copy)  # as if this pass had not happened
+        del saved
+        no_sync = module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+        with no_sync:  # DDP: one gradient all-reduce per step, after view 2's backward
+            with self._autocast():
+                f1, z1 = module(x1)
+                loss = self.loss_fn(z1, z2)
+            with self.prof.window(backward_window):
+                (loss * factor).backward()  # frees view 1's graph
+        del z2
+        after_view1 = None
+        if rng is not None:
+            after_view1 = self._device_rng()
+            self._device_rng(rng)  # view 2's noise again
+        with self._autocast():
+            f2, z2 = module(x2)
+            loss2 = self.loss_fn(z1.detach(), z2)
+        with self.prof.window(backward_window):
+            (loss2 * factor).backward()  # frees view 2's graph
+        if after_view1 is not None:
+            self._device_rng(after_view1)
+        return f1, f2, loss
+
+    def _device_rng(self, state: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Get (no argument) or set the generator the noise draws from."""
+        if self.device.type == "cuda":
+            if state is None:
+                return torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            if state is None:
+                return torch.get_rng_state()
+            torch.set_rng_state(state)
+        return None
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         """The rest of the current epoch, on the device."""

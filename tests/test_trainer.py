@@ -279,3 +279,78 @@ def test_warmup_cosine_schedule_in_the_loop(tmp_path):
     assert lrs[4] == pytest.approx(base)  # end of warm-up
     assert all(x > y for x, y in zip(lrs[4:], lrs[5:]))  # then cosine decay
     assert lrs[-1] < 0.05 * base
+
+
+class _PeakSavedBytes:
+    """Peak bytes of tensors autograd holds for backward (unique storages), over a step."""
+
+    def __init__(self, exclude=()):
+        self.live = {}
+        self.peak = 0
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}  # parameters
+
+    def pack(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key in self.exclude:
+            return t
+        holder = _SavedTensorTracker.Holder(t)
+        self.live[key] = (weakref.ref(holder), t.untyped_storage().nbytes())
+        self.peak = max(self.peak, self.current())
+        return holder
+
+    @staticmethod
+    def unpack(h):
+        return h.t if isinstance(h, _SavedTensorTracker.Holder) else h
+
+    def current(self):
+        self.live = {k: v for k, v in self.live.items() if v[0]() is not None}
+        return sum(n for _, n in self.live.values())
+
+
+def _grads_at_steps(tr):
+    grads = {}
+    for k, opt in enumerate(tr.optimizers):
+        if opt is not None:
+            def hook(optimizer, args, kwargs, k=k):
+                grads[k] = [p.grad.clone() for g in optimizer.param_groups for p in g["params"]]
+            opt.register_step_pre_hook(hook)
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "e2e", "sequential"])
+def test_split_views_gives_the_joint_gradient_with_half_the_activations(tmp_path, mode):
+    kw = dict(steps_per_block=2) if mode == "sequential" else {}
+    joint = make(tmp_path / "j", mode=mode, **kw)
+    split = make(tmp_path / "s", mode=mode, split_views=True, **kw)
+    g_joint, g_split = _grads_at_steps(joint), _grads_at_steps(split)
+    x1, x2 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    peaks = []
+    for tr in (joint, split):
+        params = [p for m in [tr.blocks] + [h for h in tr.heads if h is not None]
+                  for p in m.parameters()]
+        meter = _PeakSavedBytes(exclude=params)
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            losses = tr.train_step(x1, x2, lr=0.1)
+        peaks.append(meter.peak)
+        if tr is joint:
+            joint_losses = losses
+    torch.testing.assert_close(losses, joint_losses, rtol=1e-6, atol=1e-6)
+    assert g_joint.keys() == g_split.keys() and g_joint
+    for k in g_joint:
+        for a, b in zip(g_joint[k], g_split[k]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    # BatchNorm running statistics: updated once per view, as in the joint step
+    assert_same_state({n: v for n, v in params_of(joint.blocks).items() if "running" in n},
+                      {n: v for n, v in params_of(split.blocks).items() if "running" in n},
+                      "BN running statistics")
+    assert peaks[1] < 0.6 * peaks[0], f"split views peak {peaks[1]} vs joint {peaks[0]} bytes"
+
+
+def test_split_views_with_noise_is_deterministic(tmp_path):
+    a = make(tmp_path / "a", split_views=True, noise_std=0.25, max_steps=3)
+    a.fit()  # (the noise generator is global: build each trainer right before its run)
+    b = make(tmp_path / "b", split_views=True, noise_std=0.25, max_steps=3)
+    b.fit()
+    assert_same_state(params_of(a.blocks), params_of(b.blocks), "blocks")
+    loss = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "metrics.jsonl")]
+    assert all(torch.isfinite(torch.tensor(loss)))

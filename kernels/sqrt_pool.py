@@ -9,39 +9,37 @@ Padding adds zeros. With eps = 0 and padding = 0 this equals ``F.lp_pool2d(x, 2,
 Design
 ------
 The op is a pure memory-bound stencil, so the kernels are built around moving each byte once:
+forward reads x once and writes y once; backward reads x, y, dy once and writes dx once, as a
+gather over the windows covering each input (no atomics, no zeroed buffer, no intermediate).
+Squares are summed in fp32 (fp64 for fp64 inputs) and cast to the input dtype on store. y is
+the op's output, which the caller holds anyway, so saving it for backward costs no memory;
+recomputing it would re-read k^2 neighbours per window (the y read is 1/s^2 of the x read).
 
-* forward, one read of x and one write of y: each program owns a 3-D tile of *outputs*
-  [channels, rows, cols] and loops over the k x k window offsets (squares summed in fp32, or
-  fp64 for fp64 inputs; the output is cast to the input dtype on store). Overlapping windows
-  (k > s) re-read a few rows at tile edges; those hits come from L1/L2, not DRAM.
-* backward, one read of x, y, dy and one write of dx: each program owns a tile of *inputs* and
-  gathers, for every input, the at most ceil(k/s)^2 windows covering it. No atomics, no
-  zeroed buffer, no intermediate: dx is written exactly once. y is the op's output, which the
-  caller holds anyway, so saving it for backward costs no memory; recomputing it would re-read
-  k^2 neighbours per window for nothing (the y read is 1/s^2 of the x read).
-* one kernel serves NCHW and channels_last, with two tilings (a constexpr picks one):
-  - "3d": tile [channels, rows, cols] with strides as arguments. The channel axis is "planes"
-    (N*C for NCHW, n = 0) or C (channels_last, n from the program id). Triton specializes a
-    stride equal to 1, so the compiler sees the contiguous axis (c for channels_last) and
-    vectorizes along it. (oh, ow) come straight from the aranges: no division per element.
-  - "flat" (NCHW only): tile [planes, flattened pixels]. NCHW rows are W long, and W (56, 28,
-    14, 7 here) is rarely a multiple of 16, so a 3-d tile cannot prove 16-byte alignment and
-    falls back to 2-byte accesses; a flattened plane of H*W pixels (3136, 784) can. Row and
-    column come from an fp32 reciprocal that is exact below 2^21 pixels per plane
-    (_flat_row_col), not from an integer division.
-  The backward's window index is a division by the constexpr stride (a shift for s = 2). On
-  CUDA the launcher times the candidate tilings once per shape and keeps the fastest.
-* a window covering the whole map (``kernel_size=None``, the global pooling of a block head,
-  or k = (H, W) without padding) is a reduction over H*W per (n, c): it gets its own kernels,
-  a chunked row reduction forward and an elementwise scale backward, instead of a k^2-unrolled
-  stencil.
+Four tilings, chosen per shape (the launcher times the eligible ones once per shape on CUDA):
+* "3d", any layout: tile [channels, rows, cols], strides as arguments. For channels_last the
+  channel axis is contiguous (Triton specializes a stride of 1 and vectorizes along it), so
+  every window offset is one coalesced load of a channel vector: ~1.0-1.1x the floor for k = s.
+* "flat", NCHW: tile [planes, flattened pixels]; row and column from an fp32 reciprocal that is
+  exact below 2^21 pixels per plane (_flat_row_col) instead of an integer division.
+* "pair" (forward and backward), NCHW with column stride 2, no column padding, KW 2 or 3: NCHW
+  rows are W long and the window columns are strided, which gives 2-byte loads at half
+  efficiency (the 3d/flat versions measured 1.6-6x the floor on an H100). Here whole input rows
+  are loaded as contiguous vectors and split into even/odd columns in registers (tl.reshape +
+  tl.split / tl.join); H, W, OH, OW are constexpr (compiled once per map size) so the compiler
+  can prove row alignment and issue 16-byte loads. KW = 3 adds a strided load of column 2j+2.
+* "quad" (backward), NCHW, stride 2 x 2, KH and KW 2 or 3: a tile of windows, each loading its
+  dy / y once and writing the 2 x 2 inputs it owns (plus the previous window's term on the
+  even row/column when k = 3): 2 y/dy loads per input instead of 8 for k = 3.
+A window covering the whole map (``kernel_size=None``, the global pooling of a block head, or
+k = (H, W) without padding) is a reduction over H*W per (n, c) with its own kernels ("2d"): a
+chunked row reduction forward and an elementwise scale backward.
 
 Floor: bytes moved (forward: x read + y written; backward: x, y, dy read + dx written) over the
 device's measured copy rate; the flops are negligible. docs/performance.md holds the figures.
 
-Autotune hazard: on CUDA, a large problem times a few tile configurations once per shape (see
-``_launch``) by launching each on the real output buffers. That is safe because every launch
-overwrites all of its output and accumulates nothing, so nothing needs zeroing in between.
+Autotune hazard: on CUDA, a large problem times its candidate launches once per shape (see
+``_run``) on the real output buffers. That is safe because every launch overwrites all of its
+output and accumulates nothing, so nothing needs zeroing in between.
 """
 from __future__ import annotations
 
@@ -395,7 +393,8 @@ def _sqrt_pool_bwd_quad_kernel(
     g = _window_g(y_ptr, dy_ptr, y_off, ok_r & (j < OW), ACC)  # window (r, j): every owned input
     g_even_col = g
     if KW == 3:  # window (r, j - 1) reaches the even column 2j
-        g_even_col = g_even_col + _window_g(y_ptr, dy_ptr, y_off - 1, ok_r & (j >= 1) & (j - 1 < OW), ACC)
+        ok_l = ok_r & (j >= 1) & (j - 1 < OW)
+        g_even_col = g_even_col + _window_g(y_ptr, dy_ptr, y_off - 1, ok_l, ACC)
     g_even_row = g
     g_even_both = g_even_col
     if KH == 3:  # window (r - 1, j) reaches the even row
@@ -646,18 +645,11 @@ def _tile_2d(planes: int, hw: int, tile: int, cl: bool) -> Tuple[int, int]:
     return _tile_flat(planes, hw, min(tile, 1024))
 
 
-# Candidate launch configurations: (variant, elements per program, num_warps). The first is the
-# default, used for small problems, under the interpreter and during CUDA graph capture; on CUDA
-# a large problem times them all once per shape (_run). Variants:
-#   "pair" (NCHW, column stride 2, no column padding, KW 2 or 3): whole rows as contiguous
-#          vectors, even/odd columns split in registers; H, W, OH, OW are constexpr (compiled
-#          once per map size) so the row loads are provably aligned and vectorize;
-#   "quad" (backward, NCHW, stride 2 x 2, no column padding, KH and KW 2 or 3): a tile of
-#          windows, each loading its dy / y once and writing the 2 x 2 inputs it owns;
-#   "flat" (NCHW): tile [planes, flattened pixels]: aligned when H*W is a multiple of 16;
-#   "3d"   (both layouts): tile [channels, rows, cols]; for channels_last, vectors along C;
-#   "2d"   (global pooling): [channels, flattened pixels].
-# The lists were cut to the configurations that won somewhere on an H100 (docs/performance.md).
+# Candidate launch configurations: (variant, elements per program, num_warps); the variants are
+# described in the module docstring. The first is the default, used for small problems, under the
+# interpreter and during CUDA graph capture; on CUDA a large problem times them all once per
+# shape (_run). The lists keep what won somewhere in the H100 sweeps (docs/performance.md):
+# for the benchmark shapes the tuner kept pair (forward) and pair or quad (backward) every time.
 _FWD_PAIR = (("pair", 1024, 4), ("flat", 1024, 4), ("3d", 1024, 4))
 _BWD_PAIR = (("pair", 2048, 4), ("flat", 1024, 4), ("3d", 2048, 4))
 _BWD_QUAD = (("quad", 2048, 4), ("pair", 2048, 4), ("flat", 1024, 4))
@@ -796,8 +788,8 @@ def _specs(kind: str, shape, dtype: torch.dtype, device: torch.device, cl: bool,
             raise ValueError(f"{_OP}: global pooling runs the 2d variant only, got {cand}")
         if variant == "quad":
             if fwd or not _quad_ok(g, cl):
-                raise ValueError(f"{_OP}: the quad variant is a backward for NCHW, stride 2 x 2, no "
-                                 f"column padding and a window of 2 or 3 per axis")
+                raise ValueError(f"{_OP}: the quad variant is a backward for NCHW, stride 2 x 2, "
+                                 f"no column padding and a window of 2 or 3 per axis")
             bp = min(_next_pow2(-(-W // 2)), 64)
             rows2 = -(-(H + g.ph) // 2)  # row pairs
             br = _fit(rows2, max(1, tile // (4 * bp)))

@@ -193,8 +193,9 @@ def test_every_output_element_is_written(kw, layout, device):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, stride=2),
-                                dict(kernel_size=None)], ids=["k3s2p1", "k3s2", "global"])
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1),
+                                dict(kernel_size=3, stride=2), dict(kernel_size=None)],
+                         ids=["k3s2p1", "k3s2", "global"])
 def test_every_launch_candidate(kw, layout, device):
     """On CUDA the launcher may pick any candidate (timed once per shape): each must be right."""
     if layout == "channels_last" and kw == dict(kernel_size=3, stride=2):

@@ -2,13 +2,16 @@
 
     python tests/benchmarks/sweep_sqrt_pool.py sweep --out sweep.json   # needs CUDA
     python tests/benchmarks/sweep_sqrt_pool.py summarize sqrt.json      # any machine
+    python tests/benchmarks/sweep_sqrt_pool.py ptx                      # no GPU needed
 
 ``sweep`` times every launch candidate of the forward and backward kernels (both layouts, the
 benchmark shapes, bf16, batch 256) and the global-pooling kernels with triton.testing.do_bench
 (median, CUDA events), checks each candidate's result against the reference, and prints
 measured / floor, the floor being bytes moved over the copy rate measured in the same process.
 ``summarize`` prints fused vs eager vs torch.compile from a --benchmark-json file and checks
-the speed bar of issue 2.
+the speed bar of issue 2. ``ptx`` compiles every launch candidate of the benchmark shapes for
+sm_90 on this machine (Triton's frontend and ptxas need no GPU; TRITON_INTERPRET must be unset)
+and counts the global loads/stores by width: a cheap check that row loads still vectorize.
 """
 from __future__ import annotations
 
@@ -197,6 +200,52 @@ def summarize(path: str) -> int:
     return 0
 
 
+def ptx() -> int:
+    import re
+    from collections import Counter
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import sqrt_pool as sp
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("ptx: unset TRITON_INTERPRET (the interpreter compiles nothing)", file=sys.stderr)
+        return 2
+    target = GPUTarget("cuda", 90, 32)
+    for C, H, W in SHAPES:
+        for k, s in WINDOWS:
+            x = torch.empty(BATCH, C, H, W, dtype=torch.bfloat16, device="meta")
+            g = sp._geometry(x, sp._check_params(k, s, 0, 0.0, False))
+            for kind, n_tensors in (("fwd", 2), ("bwd", 4)):
+                for spec in sp._specs(kind, x.shape, x.dtype, torch.device("cuda"), False, g, None):
+                    # the specialization Triton applies at launch: pointers and ints divisible
+                    # by 16 get tt.divisibility, ints equal to 1 become constants
+                    sig, consts, attrs = {}, {}, {}
+                    vals = [None] * n_tensors + list(spec.args)
+                    for i, name in enumerate(spec.kernel.arg_names):
+                        v = spec.kwargs.get(name, vals[i] if i < len(vals) else None)
+                        if name in spec.kwargs or (i >= n_tensors and v == 1
+                                                   and not isinstance(v, float)):
+                            sig[name], consts[(i,)] = "constexpr", v
+                        elif i < n_tensors:
+                            sig[name], attrs[(i,)] = "*bf16", [["tt.divisibility", 16]]
+                        elif isinstance(v, float):
+                            sig[name] = "fp32"
+                        else:
+                            sig[name] = "i32"
+                            if v % 16 == 0:
+                                attrs[(i,)] = [["tt.divisibility", 16]]
+                    src = ASTSource(spec.kernel, sig, constexprs=consts, attrs=attrs)
+                    asm = triton.compile(src, target=target,
+                                         options={"num_warps": spec.kwargs["num_warps"]}).asm
+                    ld = Counter(re.findall(r"ld\.global((?:\.[a-z0-9]+)*)", asm["ptx"]))
+                    st = Counter(re.findall(r"st\.global((?:\.[a-z0-9]+)*)", asm["ptx"]))
+                    print(f"{C}x{H}x{W} k{k}s{s} {kind} {_c(spec.name):>12}  ld {dict(ld)}  "
+                          f"st {dict(st)}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -206,7 +255,10 @@ def main() -> int:
     p.add_argument("--layouts", default="nchw,cl", help="stencil layouts to sweep: nchw, cl")
     p = sub.add_parser("summarize")
     p.add_argument("json")
+    sub.add_parser("ptx")
     a = ap.parse_args()
+    if a.cmd == "ptx":
+        return ptx()
     if a.cmd == "sweep":
         if not torch.cuda.is_available():
             print("sweep needs CUDA", file=sys.stderr)

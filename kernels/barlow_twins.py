@@ -109,6 +109,28 @@ _OP = "barlow_twins_loss"
 METHODS = ("auto", "gram", "cross")
 
 
+def _interpreter_compat() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    ``int(array)`` on a 1-element array, which numpy 2 rejects ("only 0-dimensional arrays can be
+    converted"), so any ``range(0, N, ...)`` over a runtime bound fails; Triton 3.8 squeezes first.
+    Apply the 3.8 behaviour (interpreter only; a no-op where it is already fixed)."""
+    from triton.runtime import interpreter as itp
+    orig = getattr(itp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_squeezes_index", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._squeezes_index = True
+    itp._patch_lang_tensor = patched
+
+
+if INTERPRETER:
+    _interpreter_compat()
+
+
 def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
     """The D*(D-1) off-diagonal entries of a square matrix, as in the official code."""
     d = c.shape[0]
@@ -148,9 +170,9 @@ def _round_bf16(x):
 
 @triton.jit
 def _operand(x, OP: tl.constexpr, UPCAST: tl.constexpr):
-    """Round x to the dot operand dtype. UPCAST (interpreter, bf16): the interpreter runs tl.dot
-    on the raw uint16 bits of bf16 operands, so there we round to bf16 values held in fp32 and
-    multiply in fp32, which is what the tensor cores do (bf16 products are exact in fp32)."""
+    """x as a dot operand of dtype OP. UPCAST (interpreter, bf16): the interpreter runs tl.dot on
+    the raw uint16 bits of bf16 operands, so there we use bf16 values held in fp32 and multiply in
+    fp32, which is what the tensor cores do (bf16 products are exact in fp32)."""
     if UPCAST:
         y = _round_bf16(x.to(tl.float32))
     else:
@@ -199,8 +221,10 @@ def _bt_stats_kernel(
     mean_ptr, rstd_ptr,  # [2, D] out: per-feature mean and 1/sqrt(var + eps); row 0 z1, row 1 z2
     d_ptr,               # [D] out: d_i = C_ii = (1/N) sum_n a_ni b_ni
     part_ptr,            # [cdiv(D, BLOCK_D)] out: scale * sum_i [(d_i - 1)^2 - lambd d_i^2]
+    a_ptr, b_ptr,        # WRITE: [N, D] out: a = BN(z1), b = BN(z2) in the input dtype
     N, D, eps, lambd, scale,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    WRITE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -247,38 +271,79 @@ def _bt_stats_kernel(
     tl.store(d_ptr + cols, d, mask=cmask)
     on = tl.where(cmask, (d - 1.0) * (d - 1.0) - lambd * d * d, 0.0)
     tl.store(part_ptr + pid, scale * tl.sum(on, 0))
+    if WRITE:  # small batches: the second pass re-reads this program's columns from L2
+        for start in range(0, N, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            mask = (rows < N)[:, None] & cmask[None, :]
+            offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+            x = tl.load(z1_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = tl.load(z2_ptr + offs, mask=mask, other=0.0).to(ACC)
+            tl.store(a_ptr + offs, _to_output((x - mean1[None, :]) * rstd1[None, :], a_ptr,
+                                              EMU_BF16), mask=mask)
+            tl.store(b_ptr + offs, _to_output((y - mean2[None, :]) * rstd2[None, :], b_ptr,
+                                              EMU_BF16), mask=mask)
+
+
+@triton.jit
+def _bt_normalize_kernel(
+    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
+    mean_ptr, rstd_ptr,   # [2, D] batch statistics
+    a_ptr, b_ptr,         # [ROWS, D] out: BN(z1) (side 0) and BN(z2) (side 1), input dtype
+    ROWS, D, side0,
+    BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
+):
+    side = side0 + tl.program_id(2)
+    if side == 0:
+        z_ptr = z1_ptr
+        o_ptr = a_ptr
+    else:
+        z_ptr = z2_ptr
+        o_ptr = b_ptr
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < D
+    mask = (rows < ROWS)[:, None] & cmask[None, :]
+    m = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+    r = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(o_ptr + offs, _to_output((x - m[None, :]) * r[None, :], o_ptr, EMU_BF16), mask=mask)
 
 
 @triton.jit
 def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, slot, ti, tj, rows, cols, rmask, cmask,
-                N, coef, SYM: tl.constexpr):
-    """Store a tile of G_a and G_b (and its mirror image when SYM and off the diagonal) and the
-    tile's loss partial coef * w * sum(G_a * G_b), w = 2 for a mirrored tile."""
+                N, coef, inv_gscale, SYM: tl.constexpr, EMU_BF16: tl.constexpr):
+    """Store a tile of G_a / gscale and G_b / gscale in the storage dtype (and its mirror image
+    when SYM and off the diagonal), and the tile's loss partial coef * w * sum(G_a * G_b) from the
+    fp32 accumulators (w = 2 for a mirrored tile)."""
+    w = 1.0
+    if SYM:
+        w = 1.0 + (ti != tj).to(tl.float32)
+    tl.store(part_ptr + slot, coef * w * tl.sum(tl.sum(acc_a * acc_b, 1), 0))
     m = rmask[:, None] & cmask[None, :]
     o = rows[:, None].to(tl.int64) * N + cols[None, :]
-    tl.store(ga_ptr + o, acc_a, mask=m)
-    tl.store(gb_ptr + o, acc_b, mask=m)
-    w = 1.0
+    sa = _to_output(acc_a * inv_gscale, ga_ptr, EMU_BF16)
+    sb = _to_output(acc_b * inv_gscale, gb_ptr, EMU_BF16)
+    tl.store(ga_ptr + o, sa, mask=m)
+    tl.store(gb_ptr + o, sb, mask=m)
     if SYM:
         if ti != tj:
             ot = cols[:, None].to(tl.int64) * N + rows[None, :]
             mt = cmask[:, None] & rmask[None, :]
-            tl.store(ga_ptr + ot, tl.trans(acc_a), mask=mt)
-            tl.store(gb_ptr + ot, tl.trans(acc_b), mask=mt)
-        w = 1.0 + (ti != tj).to(tl.float32)
-    tl.store(part_ptr + slot, coef * w * tl.sum(tl.sum(acc_a * acc_b, 1), 0))
+            tl.store(ga_ptr + ot, tl.trans(sa), mask=mt)
+            tl.store(gb_ptr + ot, tl.trans(sb), mask=mt)
 
 
 @triton.jit
 def _bt_gram_fwd_kernel(
-    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
-    mean_ptr, rstd_ptr,   # [2, D] batch statistics
-    ga_ptr, gb_ptr,       # [R, N] out (SPLIT == 1): rows row0..row0+R of a a^T and b b^T
-    part_ptr,             # SPLIT == 1: [tiles] out loss partials. SPLIT > 1: [splits, tiles, 2,
-                          # BM, BM] out partial tiles (summed by _bt_gram_reduce_kernel)
-    R, N, D, row0, k_split, n_tiles, coef,
-    SYM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    a_ptr, b_ptr,         # [N, D] a = BN(z1), b = BN(z2) of the global batch, input dtype
+    ga_ptr, gb_ptr,       # [R, N] out (not SPLIT): rows row0.. of a a^T / gscale, b b^T / gscale
+    part_ptr,             # not SPLIT: [tiles] out loss partials. SPLIT: [splits, tiles, 2, BM, BM]
+                          # out fp32 partial tiles (summed by _bt_gram_reduce_kernel)
+    R, N, D, row0, k_split, n_tiles, coef, inv_gscale,
+    SYM: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+    BK: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -286,33 +351,30 @@ def _bt_gram_fwd_kernel(
     ar = tl.arange(0, BM)
     rows = ti * BM + ar          # local row of G (row of this rank's block)
     rmask = rows < R
-    zrows = row0 + rows          # global row of z
     cols = tj * BM + ar
     cmask = cols < N
     k_lo = sid * k_split
     k_hi = tl.minimum(D, k_lo + k_split)
+    pi = (row0 + rows)[:, None].to(tl.int64) * D
+    pj = cols[:, None].to(tl.int64) * D
     acc_a = tl.zeros([BM, BM], ACC)
     acc_b = tl.zeros([BM, BM], ACC)
-    for k in range(k_lo, k_hi, BK):
-        ks = k + tl.arange(0, BK)
-        kmask = ks < k_hi
-        ma = tl.load(mean_ptr + ks, mask=kmask, other=0.0)
-        ra = tl.load(rstd_ptr + ks, mask=kmask, other=0.0)
-        mb = tl.load(mean_ptr + D + ks, mask=kmask, other=0.0)
-        rb = tl.load(rstd_ptr + D + ks, mask=kmask, other=0.0)
-        mi = rmask[:, None] & kmask[None, :]
-        mj = cmask[:, None] & kmask[None, :]
-        oi = zrows[:, None].to(tl.int64) * D + ks[None, :]
-        oj = cols[:, None].to(tl.int64) * D + ks[None, :]
-        # BatchNorm on load; padded entries must be 0, not (0 - mean) * rstd
-        ai = tl.where(mi, (tl.load(z1_ptr + oi, mask=mi, other=0.0).to(ACC) - ma[None, :]) * ra[None, :], 0.0)
-        aj = tl.where(mj, (tl.load(z1_ptr + oj, mask=mj, other=0.0).to(ACC) - ma[None, :]) * ra[None, :], 0.0)
-        bi = tl.where(mi, (tl.load(z2_ptr + oi, mask=mi, other=0.0).to(ACC) - mb[None, :]) * rb[None, :], 0.0)
-        bj = tl.where(mj, (tl.load(z2_ptr + oj, mask=mj, other=0.0).to(ACC) - mb[None, :]) * rb[None, :], 0.0)
+    for k in range(k_lo, k_hi, BK):  # a plain NT GEMM: the operands go straight to the dot
+        ks = (k + tl.arange(0, BK))[None, :]
+        if EVEN_K:
+            mi = rmask[:, None]
+            mj = cmask[:, None]
+        else:
+            mi = rmask[:, None] & (ks < k_hi)
+            mj = cmask[:, None] & (ks < k_hi)
+        ai = tl.load(a_ptr + pi + ks, mask=mi, other=0.0)
+        aj = tl.load(a_ptr + pj + ks, mask=mj, other=0.0)
+        bi = tl.load(b_ptr + pi + ks, mask=mi, other=0.0)
+        bj = tl.load(b_ptr + pj + ks, mask=mj, other=0.0)
         acc_a = tl.dot(_operand(ai, OP, UPCAST), tl.trans(_operand(aj, OP, UPCAST)), acc_a,
-                       input_precision=PREC)
+                       input_precision=PREC, out_dtype=ACC)
         acc_b = tl.dot(_operand(bi, OP, UPCAST), tl.trans(_operand(bj, OP, UPCAST)), acc_b,
-                       input_precision=PREC)
+                       input_precision=PREC, out_dtype=ACC)
     if SPLIT:
         base = (sid * n_tiles + pid).to(tl.int64) * (2 * BM * BM)
         o = ar[:, None] * BM + ar[None, :]
@@ -320,16 +382,16 @@ def _bt_gram_fwd_kernel(
         tl.store(part_ptr + base + BM * BM + o, acc_b)
     else:
         _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rmask, cmask,
-                    N, coef, SYM)
+                    N, coef, inv_gscale, SYM, EMU_BF16)
 
 
 @triton.jit
 def _bt_gram_reduce_kernel(
-    split_ptr,            # [splits, tiles, 2, BM, BM] partial tiles from _bt_gram_fwd_kernel
-    ga_ptr, gb_ptr,       # [R, N] out: G_a, G_b rows of this rank
+    split_ptr,            # [splits, tiles, 2, BM, BM] fp32 partial tiles from _bt_gram_fwd_kernel
+    ga_ptr, gb_ptr,       # [R, N] out: G_a / gscale, G_b / gscale rows of this rank
     part_ptr,             # [tiles] out: loss partials
-    R, N, n_tiles, n_split, coef,
-    SYM: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr,
+    R, N, n_tiles, n_split, coef, inv_gscale,
+    SYM: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ti, tj = _tile_coords(pid, tl.cdiv(N, BM), SYM)
@@ -344,24 +406,25 @@ def _bt_gram_reduce_kernel(
     rows = ti * BM + ar
     cols = tj * BM + ar
     _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rows < R,
-                cols < N, N, coef, SYM)
+                cols < N, N, coef, inv_gscale, SYM, EMU_BF16)
 
 
 @triton.jit
 def _bt_gram_bwd_kernel(
-    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
+    z1_ptr, z2_ptr,       # [N, D] inputs (the global batch): x and y of the epilogue, exact
+    xa_ptr, xb_ptr,       # [N, D] BN(z1), BN(z2) in the input dtype: the K-loop operand of side 0, 1
     mean_ptr, rstd_ptr,   # [2, D] batch statistics
     d_ptr,                # [D] diagonal of C
-    ga_ptr, gb_ptr,       # [R, N] G_a, G_b rows of this rank (side 0 reads gb, side 1 reads ga)
+    ga_ptr, gb_ptr,       # [R, N] G_a / gscale, G_b / gscale of this rank's rows (side 0 reads gb)
     gl_ptr,               # [] upstream gradient of the loss
-    g_ptr,                # [sides, R, DC] out: pre-BatchNorm gradient of columns col0..col0+DC
-    s2_ptr,               # [2, TR, D] out: per-row-tile sums of g * x (x = a for side 0, b for 1)
-    dz1_ptr, dz2_ptr,     # FINAL: [R, D] out gradients (g_ptr, s2_ptr unused)
+    g_ptr,                # not FINAL: [sides, R, DC] out pre-BatchNorm gradient, columns col0..
+    s2_ptr,               # not FINAL: [2, TR, D] out per-row-tile sums of g * x
+    dz1_ptr, dz2_ptr,     # FINAL: [R, D] out gradients
     R, N, D, row0, col0, DC, side0, TR,
-    c_diag, c_off, lambd,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GOP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    FINAL: tl.constexpr, EMU_BF16: tl.constexpr,
+    c_diag, c_off, lambd, gscale,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GOP: tl.constexpr,
+    UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr,
+    EVEN_N: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -370,39 +433,44 @@ def _bt_gram_bwd_kernel(
     if side == 0:
         x_ptr = z1_ptr
         y_ptr = z2_ptr
+        xk_ptr = xa_ptr
         gy_ptr = gb_ptr
     else:
         x_ptr = z2_ptr
         y_ptr = z1_ptr
+        xk_ptr = xb_ptr
         gy_ptr = ga_ptr
     rows = pid_r * BM + tl.arange(0, BM)
     rmask = rows < R
     zrows = row0 + rows
     cols = col0 + pid_c * BN + tl.arange(0, BN)
     cmask = cols < tl.minimum(D, col0 + DC)
-    mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
-    rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+    pg = gy_ptr + rows[:, None].to(tl.int64) * N
     acc = tl.zeros([BM, BN], ACC)
-    for k in range(0, N, BK):  # W = G_y[rows, :] @ x[:, cols]
+    for k in range(0, N, BK):  # W = G_y[rows, :] @ x[:, cols]: a plain NN GEMM
         ks = k + tl.arange(0, BK)
-        kmask = ks < N
-        gt = tl.load(gy_ptr + rows[:, None].to(tl.int64) * N + ks[None, :],
-                     mask=rmask[:, None] & kmask[None, :], other=0.0)
-        mk = kmask[:, None] & cmask[None, :]
-        zx = tl.load(x_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], mask=mk, other=0.0)
-        xk = tl.where(mk, (zx.to(ACC) - mx[None, :]) * rx[None, :], 0.0)
+        if EVEN_N:
+            mg = rmask[:, None]
+            mk = cmask[None, :]
+        else:
+            mg = rmask[:, None] & (ks < N)[None, :]
+            mk = (ks < N)[:, None] & cmask[None, :]
+        gt = tl.load(pg + ks[None, :], mask=mg, other=0.0)
+        xk = tl.load(xk_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], mask=mk, other=0.0)
         acc = tl.dot(_operand(gt, GOP, UPCAST), _operand(xk, GOP, UPCAST), acc,
-                     input_precision=PREC)
+                     input_precision=PREC, out_dtype=ACC)
     gl = tl.load(gl_ptr).to(ACC)
     dv = tl.load(d_ptr + cols, mask=cmask, other=0.0)
     v = 2.0 * (1.0 - lambd) * dv - 2.0
+    mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+    rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
     my = tl.load(mean_ptr + (1 - side) * D + cols, mask=cmask, other=0.0)
     ry = tl.load(rstd_ptr + (1 - side) * D + cols, mask=cmask, other=0.0)
     m2 = rmask[:, None] & cmask[None, :]
     o = zrows[:, None].to(tl.int64) * D + cols[None, :]
     yv = tl.where(m2, (tl.load(y_ptr + o, mask=m2, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
     xv = tl.where(m2, (tl.load(x_ptr + o, mask=m2, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
-    g = gl * (c_diag * yv * v[None, :] + c_off * acc)
+    g = gl * (c_diag * yv * v[None, :] + (c_off * gscale) * acc)
     g = tl.where(m2, g, 0.0)
     if FINAL:
         # one row tile holds the whole batch: the BatchNorm backward's column sum is right here,
@@ -462,14 +530,14 @@ def _bt_gram_finalize_kernel(
 
 @triton.jit
 def _bt_cross_tile_kernel(
-    x_ptr, y_ptr,         # [N, D] inputs: normalised columns of x index the rows of C, of y its columns
-    mean_ptr, rstd_ptr,   # [2, D] batch statistics
-    sx,                   # row of the statistics that belongs to x (0 or 1); y has 1 - sx
+    x_ptr, y_ptr,         # [N, D] normalised inputs (input dtype): columns of x index the rows of
+                          # C, columns of y its columns
     out_ptr,              # MODE 0: [TI * TJ] out loss partials. MODE 1: [P, D] out m(C) rows i0..
     rowp_ptr, colp_ptr,   # MODE 0: [TJ, D], [TI, D] out partial sums of C * m(C) along j and i
     N, D, i0, i_hi, lambd, scale,
-    MODE: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr, BK: tl.constexpr,
-    OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    MODE: tl.constexpr, EVEN_N: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+    BK: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -477,21 +545,20 @@ def _bt_cross_tile_kernel(
     imask = ii < i_hi
     jj = pid_j * BJ + tl.arange(0, BJ)
     jmask = jj < D
-    mx = tl.load(mean_ptr + sx * D + ii, mask=imask, other=0.0)
-    rx = tl.load(rstd_ptr + sx * D + ii, mask=imask, other=0.0)
-    my = tl.load(mean_ptr + (1 - sx) * D + jj, mask=jmask, other=0.0)
-    ry = tl.load(rstd_ptr + (1 - sx) * D + jj, mask=jmask, other=0.0)
     acc = tl.zeros([BI, BJ], ACC)
     for n in range(0, N, BK):  # C tile = x[:, I]^T y[:, J], contraction over the batch
         ns = n + tl.arange(0, BK)
-        nmask = ns < N
-        mi = nmask[:, None] & imask[None, :]
-        mj = nmask[:, None] & jmask[None, :]
+        if EVEN_N:
+            mi = imask[None, :]
+            mj = jmask[None, :]
+        else:
+            mi = (ns < N)[:, None] & imask[None, :]
+            mj = (ns < N)[:, None] & jmask[None, :]
         on = ns[:, None].to(tl.int64) * D
-        xa = tl.where(mi, (tl.load(x_ptr + on + ii[None, :], mask=mi, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
-        yb = tl.where(mj, (tl.load(y_ptr + on + jj[None, :], mask=mj, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
+        xa = tl.load(x_ptr + on + ii[None, :], mask=mi, other=0.0)
+        yb = tl.load(y_ptr + on + jj[None, :], mask=mj, other=0.0)
         acc = tl.dot(tl.trans(_operand(xa, OP, UPCAST)), _operand(yb, OP, UPCAST), acc,
-                     input_precision=PREC)
+                     input_precision=PREC, out_dtype=ACC)
     c = acc / N
     diag = ii[:, None] == jj[None, :]
     valid = imask[:, None] & jmask[None, :]
@@ -513,13 +580,12 @@ def _bt_cross_grad_kernel(
     mean_ptr, rstd_ptr,   # [2, D] batch statistics
     sx,                   # row of the statistics that belongs to x
     panel_ptr,            # [P, D] m(C') for rows i0..i0+P of C' = x^T y / N
-    s2_ptr,               # [D] sum_j C'_ij m(C')_ij
+    s2_ptr,               # [D] sum_j C'_ij m(C')_ij for this side
     gl_ptr,               # [] upstream gradient of the loss
     dz_ptr,               # [R, D] out: gradient of this rank's rows of x, in the input dtype
     R, N, D, row0, i0, i_hi, coef,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    GOP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
-    EMU_BF16: tl.constexpr,
+    GOP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -532,14 +598,15 @@ def _bt_cross_grad_kernel(
     for j in range(0, D, BK):  # g[rows, I] = (1/N) y[rows, :] @ M[I, :]^T
         js = j + tl.arange(0, BK)
         jmask = js < D
+        # y normalised here in fp32, not read from the 16-bit copy: with m(C) in fp32 and IEEE
+        # dots this keeps the cross gradient as accurate as the reference run in fp32
         my = tl.load(mean_ptr + (1 - sx) * D + js, mask=jmask, other=0.0)
         ry = tl.load(rstd_ptr + (1 - sx) * D + js, mask=jmask, other=0.0)
         my_ = rmask[:, None] & jmask[None, :]
         yt = tl.where(my_, (tl.load(y_ptr + zrows[:, None] * D + js[None, :], mask=my_, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
         mt = tl.load(panel_ptr + (ii - i0)[:, None].to(tl.int64) * D + js[None, :],
                      mask=imask[:, None] & jmask[None, :], other=0.0)
-        acc = tl.dot(_operand(yt, GOP, UPCAST), tl.trans(_operand(mt, GOP, UPCAST)), acc,
-                     input_precision=PREC)
+        acc = tl.dot(yt.to(GOP), tl.trans(mt.to(GOP)), acc, input_precision=PREC, out_dtype=ACC)
     gl = tl.load(gl_ptr).to(ACC)
     g = (gl * coef / N) * acc
     s2 = gl * coef * tl.load(s2_ptr + ii, mask=imask, other=0.0)
@@ -563,42 +630,48 @@ _SCRATCH_BOTH_BYTES = 16 << 20  # ... both sides in one launch when the whole th
 _SPLIT_BYTES = 16 << 20         # gram forward: split-over-D partial tiles
 _PANEL_BYTES = 16 << 20         # cross backward: one row panel of m(C)
 _STATS_BLOCK_D = 64
+_STATS_WRITE_MAX_ROWS = 512     # up to here the stats kernel also writes a, b (one launch less)
+_FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
 
 
 @dataclass(frozen=True)
 class _Precision:
     """How the dots of one input dtype run (see the module docstring, Numerics)."""
-    op: object          # forward dot operand dtype
-    acc: object         # accumulator / statistics / scratch dtype
-    prec: str           # forward input_precision
-    gop: object         # backward dot operand dtype
-    gprec: str          # backward input_precision
-    upcast: bool        # interpreter: forward bf16 operands multiplied in fp32 (see _operand)
-    gupcast: bool       # ... backward ones
-    emu_bf16: bool      # interpreter: round-to-nearest emulated for bf16 stores
+    op: object               # forward dot operand dtype (= the input dtype)
+    acc: object              # accumulator / statistics / scratch dtype
+    prec: str                # forward input_precision
+    gstore: torch.dtype      # storage dtype of G_a, G_b between forward and backward
+    gscale: bool             # store G / D (16-bit storage: keeps fp16 in range)
+    gop: object              # backward Gram dot operand dtype
+    gprec: str               # backward Gram input_precision
+    gupcast: bool            # interpreter: backward bf16 operands multiplied in fp32
+    cop: object              # cross backward dot operand dtype
+    upcast: bool             # interpreter: forward bf16 operands multiplied in fp32 (_operand)
+    emu_bf16: bool           # interpreter: round-to-nearest emulated for bf16 stores
     torch_acc: torch.dtype
 
 
 @functools.lru_cache(maxsize=None)
-def _precision(dtype: torch.dtype, grad_dot: Optional[str] = None) -> _Precision:
+def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Precision:
     if dtype == torch.float64:
-        return _Precision(tl.float64, tl.float64, "ieee", tl.float64, "ieee", False, False, False,
-                          torch.float64)
+        return _Precision(tl.float64, tl.float64, "ieee", torch.float64, False, tl.float64, "ieee",
+                          False, tl.float64, False, False, torch.float64)
     if dtype == torch.float32:
         # IEEE fp32 dots: torch's own fp32 matmul does not use tf32 by default either.
-        return _Precision(tl.float32, tl.float32, "ieee", tl.float32, "ieee", False, False, False,
-                          torch.float32)
-    grad_dot = grad_dot or "tf32"
-    upcast = INTERPRETER and dtype == torch.bfloat16
-    if grad_dot == "tf32":
-        gop, gprec, gup = tl.float32, "tf32", False
-    elif grad_dot == "bf16":
-        gop, gprec, gup = tl.bfloat16, "tf32", INTERPRETER
+        return _Precision(tl.float32, tl.float32, "ieee", torch.float32, False, tl.float32, "ieee",
+                          False, tl.float32, False, False, torch.float32)
+    bf16_interp = INTERPRETER and dtype == torch.bfloat16
+    grad_precision = grad_precision or "input"
+    if grad_precision == "input":  # G stored in the input dtype: a plain 16-bit GEMM backward
+        gstore, gop, gprec, gup = dtype, _TL_DTYPE[dtype], "tf32", bf16_interp
+    elif grad_precision == "tf32":  # G in fp32, the normalised operand upcast, tf32 dots
+        gstore, gop, gprec, gup = torch.float32, tl.float32, "tf32", False
     else:
-        raise ValueError(f"{_OP}: grad_dot must be 'tf32' or 'bf16', got {grad_dot!r}")
-    # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands)
-    return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gop, gprec, upcast, gup, upcast,
-                      torch.float32)
+        raise ValueError(f"{_OP}: grad_precision must be 'input' or 'tf32', got {grad_precision!r}")
+    # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands);
+    # cross backward: fp32 m(C) against the upcast operand, IEEE (tf32 was measured too coarse)
+    return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gstore, gstore != torch.float32, gop,
+                      gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32)
 
 
 _SM_COUNT: Dict[int, int] = {}
@@ -618,25 +691,70 @@ def _big(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
-def _gram_fwd_cfg(n: int, dtype: torch.dtype) -> dict:
+def _gram_fwd_candidates(dtype: torch.dtype):
+    """(BM, BK, num_warps, num_stages, cost of one K-step in units of the 128 x 128 x 32 step)."""
     if INTERPRETER:
-        return dict(BM=64, BK=64, num_warps=4, num_stages=1)
-    if _big(dtype) and n >= 512:
-        return dict(BM=128, BK=32, num_warps=8, num_stages=3)
-    if _big(dtype):
-        return dict(BM=64, BK=64, num_warps=4, num_stages=3)
-    return dict(BM=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
+        return ((64, 64, 4, 1, 1.0),)
+    if _big(dtype):  # 64 x 64 x 64: half the flops of 128 x 128 x 32 at ~65% of its efficiency
+        return ((64, 64, 4, 3, 0.77), (128, 32, 8, 3, 1.0))
+    return ((64, 16 if dtype == torch.float64 else 32, 4, 2, 1.0),)
+
+
+@dataclass(frozen=True)
+class _GramPlan:
+    bm: int
+    bk: int
+    warps: int
+    stages: int
+    split: int
+    k_split: int
+    tiles: int
+    sym: bool
+
+
+@functools.lru_cache(maxsize=None)
+def _pick_split(tiles: int, ksteps: int, sms: int, tile_bytes: int) -> Tuple[int, float]:
+    """Split the D reduction of the Gram forward when there are too few tiles to fill the device.
+
+    Cost in K-steps: waves x K-steps per program, plus for a split the reduce launch and the
+    write and read-back of the partial tiles (about one K-step per 512 KiB). At most _SPLIT_BYTES
+    of partial tiles."""
+    best, best_cost = 1, None
+    for s in range(1, min(ksteps, 64) + 1):
+        if s > 1 and s * tiles * tile_bytes > _SPLIT_BYTES:
+            break
+        cost = math.ceil(tiles * s / sms) * math.ceil(ksteps / s)
+        if s > 1:
+            cost += 4 + s * tiles * tile_bytes / (1 << 19)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best, best_cost
+
+
+@functools.lru_cache(maxsize=None)
+def _gram_fwd_plan(n: int, r: int, d: int, dtype: torch.dtype, sms: int) -> _GramPlan:
+    """Tile size and split for the Gram forward: the candidate with the fewest modelled K-steps
+    (wave quantisation matters: at N=2048, 136 tiles of 128 on 132 SMs take two full waves)."""
+    sym = r == n
+    best = None
+    for bm, bk, warps, stages, step in _gram_fwd_candidates(dtype):
+        tn = triton.cdiv(n, bm)
+        tiles = tn * (tn + 1) // 2 if sym else triton.cdiv(r, bm) * tn
+        ksteps = triton.cdiv(d, bk)
+        split, cost = _pick_split(tiles, ksteps, sms, 2 * bm * bm * 4)
+        if best is None or cost * step < best[0]:
+            k_split = triton.cdiv(ksteps, split) * bk
+            best = (cost * step, _GramPlan(bm, bk, warps, stages, triton.cdiv(d, k_split),
+                                           k_split, tiles, sym))
+    return best[1]
 
 
 def _gram_bwd_cfg(dtype: torch.dtype) -> dict:
     if INTERPRETER:
         return dict(BM=64, BN=64, BK=64, num_warps=4, num_stages=1)
     if _big(dtype):
-        return dict(BM=128, BN=128, BK=32, num_warps=8, num_stages=3)
+        return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
     return dict(BM=64, BN=64, BK=16 if dtype == torch.float64 else 32, num_warps=4, num_stages=2)
-
-
-_FINAL_MAX_ROWS = 256
 
 
 def _gram_bwd_final_cfg(r: int, dtype: torch.dtype) -> dict:
@@ -644,10 +762,13 @@ def _gram_bwd_final_cfg(r: int, dtype: torch.dtype) -> dict:
     bm = max(16, triton.next_power_of_2(r))
     if INTERPRETER:
         return dict(BM=bm, BN=64, BK=64, num_warps=4, num_stages=1)
+    if _big(dtype):
+        if bm >= 128:
+            return dict(BM=bm, BN=64, BK=64, num_warps=8, num_stages=3)
+        return dict(BM=bm, BN=128, BK=64, num_warps=4, num_stages=3)
     bk = 16 if dtype == torch.float64 else 32
-    if bm >= 128:
-        return dict(BM=bm, BN=64 if _big(dtype) else 32, BK=bk, num_warps=8, num_stages=3)
-    return dict(BM=bm, BN=128 if _big(dtype) else 64, BK=bk, num_warps=4, num_stages=3)
+    return dict(BM=bm, BN=32 if bm >= 128 else 64, BK=bk, num_warps=8 if bm >= 128 else 4,
+                num_stages=2)
 
 
 def _cross_cfg(dtype: torch.dtype) -> dict:
@@ -730,27 +851,24 @@ def _check_dist_shapes(z: torch.Tensor, dd: _Dist) -> None:
                          "(use drop_last=True in the sampler)")
 
 
-def _flops(method: str, n: int, r: int, d: int, grad_weight: float) -> float:
-    """Flops of this implementation (grad_weight = 2 when the backward dots run in tf32, whose
-    tensor-core rate is half the bf16 rate)."""
+def _flops(method: str, n: int, r: int, d: int) -> float:
+    """Flops of this implementation."""
     if method == "gram":
         fwd = 2 * n * n * d if r == n else 4 * r * n * d       # symmetric tiles once
-        return fwd + grad_weight * 4 * r * n * d
-    fwd = 2 * n * d * d
-    return fwd + 2 * (2 * n * d * d + grad_weight * 2 * r * d * d)  # panels recompute C
+        return fwd + 4 * r * n * d
+    return 2 * n * d * d + 2 * (2 * n * d * d + 2 * r * d * d)  # backward panels recompute C
 
 
 @functools.lru_cache(maxsize=None)
-def choose_method(n: int, d: int, rows: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> str:
+def choose_method(n: int, d: int, rows: Optional[int] = None) -> str:
     """The method "auto" picks: the one with fewer flops in this implementation.
 
-    Single process with 16-bit inputs that is "gram" iff N <= 1.4 D (gram: 2 N^2 D forward with
-    symmetric tiles + 8 N^2 D tf32-weighted backward; cross: 2 N D^2 forward + 4 N D^2 panel
-    recomputation + 8 N D^2 tf32-weighted backward).
+    Single process that is "gram" iff N <= (5/3) D (gram: 2 N^2 D forward with symmetric tiles +
+    4 N^2 D backward; cross: 2 N D^2 forward + 4 N D^2 recomputing C in the backward panels +
+    4 N D^2 backward). Under DDP with ``rows`` per rank, the per-rank counts.
     """
     r = n if rows is None else rows
-    w = 2.0 if _big(dtype) else 1.0
-    return "gram" if _flops("gram", n, r, d, w) <= _flops("cross", n, r, d, w) else "cross"
+    return "gram" if _flops("gram", n, r, d) <= _flops("cross", n, r, d) else "cross"
 
 
 @dataclass
@@ -767,108 +885,104 @@ class _State:
     mean: torch.Tensor             # [2, D]
     rstd: torch.Tensor             # [2, D]
     d: torch.Tensor                # [D]
-    grad_dot: Optional[str] = None
+    pr: _Precision
+    ab: Optional[torch.Tensor] = None                     # [2, N, D] BN(z1), BN(z2), if kept
     gram: Optional[List[Optional[torch.Tensor]]] = None   # [G_a, G_b], released by backward
     s2: Optional[torch.Tensor] = None                     # cross: [2, D]
     extra: dict = field(default_factory=dict)
 
 
-def _stats(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: float,
-           pr: _Precision, part: torch.Tensor):
-    """Batch statistics and d; writes cdiv(D, 64) loss partials into part."""
+def _stats(z1, z2, lambd, scale, eps, pr: _Precision, part, ab):
+    """Batch statistics, d, cdiv(D, 64) loss partials into part, and a, b into ab[0], ab[1]."""
     n, d = z1.shape
     mean = _empty((2, d), z1.device, pr.torch_acc)
     rstd = _empty((2, d), z1.device, pr.torch_acc)
     dvec = _empty(d, z1.device, pr.torch_acc)
+    write = n <= _STATS_WRITE_MAX_ROWS
     _launch(_bt_stats_kernel, (triton.cdiv(d, _STATS_BLOCK_D),), z1, z2, mean, rstd, dvec, part,
-            n, d, eps, lambd, scale, num_warps=4, num_stages=2, BLOCK_N=64,
-            BLOCK_D=_STATS_BLOCK_D, ACC=pr.acc)
+            ab[0], ab[1], n, d, eps, lambd, scale, WRITE=write, BLOCK_N=64,
+            BLOCK_D=_STATS_BLOCK_D, ACC=pr.acc, EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=2)
+    if not write:
+        _normalize(z1, z2, mean, rstd, ab[0], ab[1], (0, 1), pr)
     return mean, rstd, dvec
 
 
-@functools.lru_cache(maxsize=None)
-def _pick_split(tiles: int, ksteps: int, sms: int, tile_bytes: int) -> int:
-    """Split the D reduction of the Gram forward when there are too few tiles to fill the device.
-
-    Cost in K-step units: waves x K-steps per program, plus for a split the reduce launch and the
-    write and read-back of the partial tiles (about one K-step per 512 KiB). At most _SPLIT_BYTES
-    of partial tiles."""
-    best, best_cost = 1, None
-    for s in range(1, min(ksteps, 64) + 1):
-        if s > 1 and s * tiles * tile_bytes > _SPLIT_BYTES:
-            break
-        cost = math.ceil(tiles * s / sms) * math.ceil(ksteps / s)
-        if s > 1:
-            cost += 4 + s * tiles * tile_bytes / (1 << 19)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = s, cost
-    return best
-
-
-def _gram_tiles(n: int, r: int, dtype: torch.dtype) -> int:
-    bm = _gram_fwd_cfg(n, dtype)["BM"]
-    tn = triton.cdiv(n, bm)
-    return tn * (tn + 1) // 2 if r == n else triton.cdiv(r, bm) * tn
-
-
-def _gram_fwd(st: _State, pr: _Precision, part: Optional[torch.Tensor] = None):
-    """G_a, G_b rows of this rank; writes the per-tile loss partials into part."""
-    z1, z2 = st.z1, st.z2
+def _normalize(z1, z2, mean, rstd, out_a, out_b, sides, pr: _Precision) -> None:
+    """out_a = BN(z1) (side 0) and / or out_b = BN(z2) (side 1), all rows, in the input dtype."""
     n, d = z1.shape
+    bm, bn = (64, 128) if INTERPRETER else (32, 128)
+    _launch(_bt_normalize_kernel, (triton.cdiv(n, bm), triton.cdiv(d, bn), len(sides)), z1, z2,
+            mean, rstd, out_a, out_b, n, d, sides[0], BM=bm, BN=bn, ACC=pr.acc,
+            EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=1)
+
+
+def _normalized(st: _State) -> torch.Tensor:
+    """[2, N, D] BN(z1), BN(z2): the forward's if it was kept, else recomputed."""
+    if st.ab is not None:
+        return st.ab
+    n, d = st.z1.shape
+    ab = _empty((2, n, d), st.z1.device, st.z1.dtype)
+    _normalize(st.z1, st.z2, st.mean, st.rstd, ab[0], ab[1], (0, 1), st.pr)
+    return ab
+
+
+def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None):
+    """G_a / gscale, G_b / gscale of this rank's rows; per-tile loss partials into part."""
+    pr = st.pr
+    n, d = st.z1.shape
     r = st.rows
-    dev = z1.device
-    cfg = _gram_fwd_cfg(n, z1.dtype)
-    bm, bk = cfg["BM"], cfg["BK"]
-    sym = r == n
-    tiles = _gram_tiles(n, r, z1.dtype)
-    ksteps = triton.cdiv(d, bk)
-    esize = 8 if pr.torch_acc == torch.float64 else 4
-    split = _pick_split(tiles, ksteps, _sm_count(dev), 2 * bm * bm * esize)
-    k_split = triton.cdiv(ksteps, split) * bk
-    split = triton.cdiv(d, k_split)
-    ga = _empty((r, n), dev, pr.torch_acc)
-    gb = _empty((r, n), dev, pr.torch_acc)
+    dev = st.z1.device
+    plan = _gram_fwd_plan(n, r, d, st.z1.dtype, _sm_count(dev))
+    ga = _empty((r, n), dev, pr.gstore)
+    gb = _empty((r, n), dev, pr.gstore)
     if part is None:
-        part = _empty(tiles, dev, pr.torch_acc)
+        part = _empty(plan.tiles, dev, pr.torch_acc)
     coef = st.scale * st.lambd / (n * n)
-    consts = dict(SYM=sym, BM=bm, BK=bk, OP=pr.op, UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec)
-    if split == 1:
-        _launch(_bt_gram_fwd_kernel, (tiles, 1), z1, z2, st.mean, st.rstd, ga, gb, part,
-                r, n, d, st.row0, k_split, tiles, coef, SPLIT=False,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
+    inv_gscale = 1.0 / d if pr.gscale else 1.0
+    consts = dict(SYM=plan.sym, EVEN_K=d % plan.bk == 0, BM=plan.bm, BK=plan.bk, OP=pr.op,
+                  UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, EMU_BF16=pr.emu_bf16)
+    if plan.split == 1:
+        _launch(_bt_gram_fwd_kernel, (plan.tiles, 1), ab[0], ab[1], ga, gb, part, r, n, d,
+                st.row0, plan.k_split, plan.tiles, coef, inv_gscale, SPLIT=False,
+                num_warps=plan.warps, num_stages=plan.stages, **consts)
     else:
-        partial = _empty((split, tiles, 2, bm, bm), dev, pr.torch_acc)
-        _launch(_bt_gram_fwd_kernel, (tiles, split), z1, z2, st.mean, st.rstd, ga, gb, partial,
-                r, n, d, st.row0, k_split, tiles, coef, SPLIT=True,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **consts)
-        _launch(_bt_gram_reduce_kernel, (tiles,), partial, ga, gb, part, r, n, tiles, split, coef,
-                SYM=sym, BM=bm, ACC=pr.acc, num_warps=4, num_stages=1)
+        partial = _empty((plan.split, plan.tiles, 2, plan.bm, plan.bm), dev, pr.torch_acc)
+        _launch(_bt_gram_fwd_kernel, (plan.tiles, plan.split), ab[0], ab[1], ga, gb, partial,
+                r, n, d, st.row0, plan.k_split, plan.tiles, coef, inv_gscale, SPLIT=True,
+                num_warps=plan.warps, num_stages=plan.stages, **consts)
+        _launch(_bt_gram_reduce_kernel, (plan.tiles,), partial, ga, gb, part, r, n, plan.tiles,
+                plan.split, coef, inv_gscale, SYM=plan.sym, BM=plan.bm, ACC=pr.acc,
+                EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=1)
         del partial
-    st.extra["gram_split"] = split
+    st.extra["gram_split"] = plan.split
     return ga, gb
 
 
-def _cross_fwd(st: _State, pr: _Precision):
-    z1, z2 = st.z1, st.z2
-    n, d = z1.shape
-    cfg = _cross_cfg(z1.dtype)
+def _cross_fwd(st: _State, ab: torch.Tensor):
+    pr = st.pr
+    n, d = st.z1.shape
+    cfg = _cross_cfg(st.z1.dtype)
     b = cfg["B"]
     t = triton.cdiv(d, b)
-    dev = z1.device
+    dev = st.z1.device
     part = _empty(t * t, dev, pr.torch_acc)
     rowp = _empty((t, d), dev, pr.torch_acc)
     colp = _empty((t, d), dev, pr.torch_acc)
-    _launch(_bt_cross_tile_kernel, (t, t), z1, z2, st.mean, st.rstd, 0, part, rowp, colp,
-            n, d, 0, d, st.lambd, st.scale, MODE=0, BI=b, BJ=b, BK=cfg["BK"], OP=pr.op,
+    _launch(_bt_cross_tile_kernel, (t, t), ab[0], ab[1], part, rowp, colp, n, d, 0, d, st.lambd,
+            st.scale, MODE=0, EVEN_N=n % cfg["BK"] == 0, BI=b, BJ=b, BK=cfg["BK"], OP=pr.op,
             UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, num_warps=cfg["num_warps"],
             num_stages=cfg["num_stages"])
     return part, rowp, colp
 
 
 def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: float,
-                     method: str, group=None, grad_dot: Optional[str] = None,
+                     method: str, group=None, grad_precision: Optional[str] = None,
                      keep_for_backward: bool = True) -> Tuple[torch.Tensor, _State]:
-    """Forward launcher: validated inputs in, (fp32 loss, state for barlow_twins_bwd) out."""
+    """Forward launcher: validated inputs in, (fp32 loss, state for barlow_twins_bwd) out.
+
+    grad_precision (16-bit inputs only): "input" (default) stores G_a, G_b in the input dtype and
+    runs the backward Gram dots on 16-bit operands; "tf32" stores them in fp32 and runs tf32 dots
+    (more accurate when the views are strongly correlated, slower: docs/performance.md)."""
     dd = _resolve_group(group)
     z1 = z1.contiguous()
     z2 = z2.contiguous()
@@ -879,17 +993,19 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     else:
         z1g, z2g, row0 = z1, z2, 0
     n, d = z1g.shape
+    dev = z1.device
     if method == "auto":
-        method = choose_method(n, d, rows, z1.dtype)
-    pr = _precision(z1.dtype, grad_dot)
+        method = choose_method(n, d, rows)
+    pr = _precision(z1.dtype, grad_precision)
     ns = triton.cdiv(d, _STATS_BLOCK_D)
     # one buffer for every loss partial: the loss is a single sum over it
-    nparts = ns + (_gram_tiles(n, rows, z1.dtype) if method == "gram" else 0)
-    parts = _empty(nparts, z1.device, pr.torch_acc)
-    mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts)
-    st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, grad_dot)
+    gtiles = _gram_fwd_plan(n, rows, d, z1.dtype, _sm_count(dev)).tiles if method == "gram" else 0
+    parts = _empty(ns + gtiles, dev, pr.torch_acc)
+    ab = _empty((2, n, d), dev, z1.dtype)  # a = BN(z1), b = BN(z2): the GEMM operands
+    mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts, ab)
+    st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, pr)
     if method == "gram":
-        ga, gb = _gram_fwd(st, pr, parts[ns:])
+        ga, gb = _gram_fwd(st, ab, parts[ns:])
         if dd.active:
             import torch.distributed as dist
             mine = parts[ns:].sum()
@@ -899,41 +1015,49 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
             loss = parts.sum()
         if keep_for_backward:
             st.gram = [ga, gb]
+            if not dd.active and rows <= _FINAL_MAX_ROWS:
+                st.ab = ab  # small: the one-kernel backward reads it (otherwise recomputed)
     else:
-        cpart, rowp, colp = _cross_fwd(st, pr)
+        cpart, rowp, colp = _cross_fwd(st, ab)
         loss = cpart.sum()  # the tiles hold the whole loss, the diagonal included
         if keep_for_backward:
             st.s2 = torch.stack((rowp.sum(0), colp.sum(0)))
+            st.ab = ab
     return loss, st
 
 
-def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precision):
+def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
+    pr = st.pr
     z1, z2 = st.z1, st.z2
     n, d = z1.shape
     r = st.rows
     dev = z1.device
     if st.gram is None:  # a second backward through a retained graph: recompute the grams
-        st.gram = list(_gram_fwd(st, pr))
+        st.gram = list(_gram_fwd(st, _normalized(st)))
     gram = st.gram
     st.gram = None  # released below as soon as each is no longer needed
     c_diag = st.scale / n
     c_off = 2.0 * st.scale * st.lambd / (n * n)
+    gscale = float(d) if pr.gscale else 1.0
     gl = gl.reshape(()).to(pr.torch_acc).contiguous()
     sides = [s for s in (0, 1) if need[s]]
     dz: List[Optional[torch.Tensor]] = [None, None]
+    common = dict(GOP=pr.gop, UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec,
+                  EMU_BF16=pr.emu_bf16)
     if not st.dist.active and r <= _FINAL_MAX_ROWS:
         # small batch: one row tile covers it, the kernel finishes dz itself (one launch)
+        ab = _normalized(st)
+        st.ab = None
         cfg = _gram_bwd_final_cfg(r, z1.dtype)
-        bm, bn = cfg["BM"], cfg["BN"]
         for s in sides:
             dz[s] = _empty((r, d), dev, z1.dtype)
         out1 = dz[0] if dz[0] is not None else dz[1]
         out2 = dz[1] if dz[1] is not None else dz[0]
-        _launch(_bt_gram_bwd_kernel, (1, triton.cdiv(d, bn), len(sides)), z1, z2, st.mean,
-                st.rstd, st.d, gram[0], gram[1], gl, out1, out1, out1, out2, r, n, d, st.row0, 0,
-                d, sides[0], 1, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=cfg["BK"], GOP=pr.gop,
-                UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec, FINAL=True, EMU_BF16=pr.emu_bf16,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _launch(_bt_gram_bwd_kernel, (1, triton.cdiv(d, cfg["BN"]), len(sides)), z1, z2, ab[0],
+                ab[1], st.mean, st.rstd, st.d, gram[0], gram[1], gl, out1, out1, out1, out2, r,
+                n, d, st.row0, 0, d, sides[0], 1, c_diag, c_off, st.lambd, gscale, BM=cfg["BM"],
+                BN=cfg["BN"], BK=cfg["BK"], FINAL=True, EVEN_N=n % cfg["BK"] == 0,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
         return dz
     cfg = _gram_bwd_cfg(z1.dtype)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -953,18 +1077,24 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precis
         side0, ns = grp[0], len(grp)
         ga = gram[0] if gram[0] is not None else gram[1]
         gb = gram[1] if gram[1] is not None else gram[0]
+        xbuf: List[Optional[torch.Tensor]] = [None, None]
         for s in grp:  # allocated only now: dz2 takes the place of the released G_b
             dz[s] = _empty((r, d), dev, z1.dtype)
+            # the K-loop operand BN(z) of every row: single process, it lives in the gradient's
+            # own buffer (a column chunk of it is overwritten only after its last read)
+            xbuf[s] = _empty((n, d), dev, z1.dtype) if st.dist.active else dz[s]
+        xa = xbuf[0] if xbuf[0] is not None else xbuf[1]
+        xb = xbuf[1] if xbuf[1] is not None else xbuf[0]
+        _normalize(z1, z2, st.mean, st.rstd, xa, xb, grp, pr)
         out1 = dz[0] if dz[0] is not None else dz[1]
         out2 = dz[1] if dz[1] is not None else dz[0]
         for col0 in range(0, d, dc):
             ncols = min(dc, d - col0)
-            _launch(_bt_gram_bwd_kernel, (tr, triton.cdiv(ncols, bn), ns), z1, z2, st.mean,
-                    st.rstd, st.d, ga, gb, gl, scratch, s2, out1, out2, r, n, d, st.row0, col0,
-                    dc, side0, tr, c_diag, c_off, st.lambd, BM=bm, BN=bn, BK=bk, GOP=pr.gop,
-                    UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec, FINAL=False,
-                    EMU_BF16=pr.emu_bf16, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"])
+            _launch(_bt_gram_bwd_kernel, (tr, triton.cdiv(ncols, bn), ns), z1, z2, xa, xb,
+                    st.mean, st.rstd, st.d, ga, gb, gl, scratch, s2, out1, out2, r, n, d,
+                    st.row0, col0, dc, side0, tr, c_diag, c_off, st.lambd, gscale, BM=bm, BN=bn,
+                    BK=bk, FINAL=False, EVEN_N=n % bk == 0, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"], **common)
             if st.dist.active:
                 import torch.distributed as dist
                 red = s2[:, :, col0:col0 + ncols].sum(1)
@@ -978,17 +1108,20 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precis
                     z1, z2, st.mean, st.rstd, scratch, s2_arg, out1, out2, r, n, d, st.row0, col0,
                     dc, side0, n_parts, BM=fb, BN=128, ACC=pr.acc, EMU_BF16=pr.emu_bf16,
                     num_warps=4, num_stages=1)
+        del xa, xb, xbuf
         if grp == [0]:
             gram[1] = None  # G_b is only read for dz1: free it before dz2 is allocated
             ga = gb = None
     return dz
 
 
-def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Precision):
+def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
+    pr = st.pr
     z1, z2 = st.z1, st.z2
     n, d = z1.shape
     r = st.rows
     dev = z1.device
+    ab = _normalized(st)
     cfg = _cross_cfg(z1.dtype)
     b, bk = cfg["B"], cfg["BK"]
     esize = 8 if pr.torch_acc == torch.float64 else 4
@@ -1000,30 +1133,31 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], pr: _Preci
     for side in (0, 1):
         if not need[side]:
             continue
-        x, y = (z1, z2) if side == 0 else (z2, z1)
+        x, y, xn, yn = (z1, z2, ab[0], ab[1]) if side == 0 else (z2, z1, ab[1], ab[0])
         out = _empty((r, d), dev, z1.dtype)
         s2 = st.s2[side].contiguous()
         for i0 in range(0, d, p):
             i_hi = min(d, i0 + p)
-            _launch(_bt_cross_tile_kernel, (triton.cdiv(i_hi - i0, b), triton.cdiv(d, b)), x, y,
-                    st.mean, st.rstd, side, panel, panel, panel, n, d, i0, i_hi, st.lambd,
-                    st.scale, MODE=1, BI=b, BJ=b, BK=bk, OP=pr.op, UPCAST=pr.upcast, ACC=pr.acc,
-                    PREC=pr.prec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _launch(_bt_cross_tile_kernel, (triton.cdiv(i_hi - i0, b), triton.cdiv(d, b)), xn, yn,
+                    panel, panel, panel, n, d, i0, i_hi, st.lambd, st.scale, MODE=1,
+                    EVEN_N=n % bk == 0, BI=b, BJ=b, BK=bk, OP=pr.op, UPCAST=pr.upcast,
+                    ACC=pr.acc, PREC=pr.prec, num_warps=cfg["num_warps"],
+                    num_stages=cfg["num_stages"])
             _launch(_bt_cross_grad_kernel, (triton.cdiv(r, b), triton.cdiv(i_hi - i0, b)), x, y,
                     st.mean, st.rstd, side, panel, s2, gl, out, r, n, d, st.row0, i0, i_hi,
-                    2.0 * st.scale, BM=b, BN=b, BK=bk, GOP=pr.gop, UPCAST=pr.gupcast, ACC=pr.acc,
-                    PREC=pr.gprec, EMU_BF16=pr.emu_bf16, num_warps=cfg["num_warps"],
+                    2.0 * st.scale, BM=b, BN=b, BK=bk, GOP=pr.cop,
+                    ACC=pr.acc, PREC="ieee", EMU_BF16=pr.emu_bf16, num_warps=cfg["num_warps"],
                     num_stages=cfg["num_stages"])
         dz[side] = out
+    st.ab = None
     return dz
 
 
 def barlow_twins_bwd(st: _State, grad_loss: torch.Tensor, need: Tuple[bool, bool] = (True, True)):
     """Backward launcher: (dL/dz1, dL/dz2) for this process's rows, in the input dtype."""
-    pr = _precision(st.z1.dtype, st.grad_dot)
     if st.method == "gram":
-        return _gram_bwd(st, grad_loss, need, pr)
-    return _cross_bwd(st, grad_loss, need, pr)
+        return _gram_bwd(st, grad_loss, need)
+    return _cross_bwd(st, grad_loss, need)
 
 
 # ----------------------------------------------------------------------------------------------

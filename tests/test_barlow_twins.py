@@ -166,6 +166,25 @@ def test_float64_matches_reference_tightly(device):
         assert_close(d2, g2, rtol=1e-7, atol=1e-7 * s2, name=f"{method} dz2")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_tf32_grad_precision_mode(dtype, device):
+    """The non-default backward (G kept in fp32, tf32 dots) computes the same function."""
+    z1, z2 = _inputs(70, 96, dtype, device)
+    ref, g1, g2, _ = _reference(z1, z2)
+    outs = {}
+    for mode in ("input", "tf32"):
+        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision=mode)
+        assert st.gram[0].dtype == (dtype if mode == "input" else torch.float32)
+        d1, d2 = bt.barlow_twins_bwd(st, torch.ones((), device=device))
+        outs[mode] = (loss, d1, d2)
+        assert rel_err(loss, ref) < 1e-3
+        assert rel_err(d1, g1) < 5e-3 and rel_err(d2, g2) < 5e-3
+    # with exact dots (the interpreter) the two modes differ only by G's rounding
+    assert rel_err(outs["tf32"][1], g1) <= rel_err(outs["input"][1], g1) * 1.5
+    with pytest.raises(ValueError, match="grad_precision"):
+        bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp8")
+
+
 def test_gram_split_paths_are_both_exercised(device):
     """The Gram forward splits the D reduction when there are few tiles (then a reduce kernel
     sums the partial tiles): the shapes above must cover both paths."""
@@ -237,7 +256,7 @@ def test_auto_picks_by_flops_and_matches(device):
     for n, d in ((64, 3), (5, 40)):
         z1, z2 = _inputs(n, d, torch.float32, device)
         la, a1, a2 = _fused(z1, z2, method="auto")
-        lm, m1, m2 = _fused(z1, z2, method=choose_method(n, d, dtype=torch.float32))
+        lm, m1, m2 = _fused(z1, z2, method=choose_method(n, d))
         assert torch.equal(la, lm) and torch.equal(a1, m1) and torch.equal(a2, m2)
 
 

@@ -179,8 +179,9 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                  f"({pairs:.1f} pairs/s, i.e. {2 * pairs:.1f} images/s)"
                  if pairs else f"done: no step run (already at step {summary['steps']})")
     if loader is not None:
-        lines.append(f"loader: capacity about {loader:.0f} pairs/s ({cfg.workers} worker(s) x "
-                     f"their measured time per pair); waiting for data "
+        who = (f"{cfg.workers} worker(s) x 1 / their measured time per pair" if cfg.workers
+               else "the main process: 1 / measured time per pair")
+        lines.append(f"loader: capacity about {loader:.0f} pairs/s ({who}); waiting for data "
                      f"{100 * (wait or 0):.1f}% of the run")
     per_block = summary.get("peak_memory_gib_per_block")
     if per_block:

@@ -370,7 +370,6 @@ class Trainer:
         self.peaks: Dict[str, float] = {}  # GiB per block (or "step"), CUDA only
         self._pending: List[Tuple[int, torch.Tensor]] = []  # (step, losses) not yet checked
         self._lr = 0.0
-        self._seen_good_step = 0
         self.data_wait_s = self.sample_time_s = 0.0
         self.samples = 0
         self.measured_steps = 0
@@ -614,20 +613,40 @@ class Trainer:
         return None
 
     def _batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """The rest of the current epoch, on the device."""
+        """The rest of the current epoch, on the device.
+
+        On CUDA the next batch is copied on a side stream while the current step computes (the
+        loader's pinned buffers make the copy asynchronous); the compute stream waits for it only
+        when it uses the batch.
+        """
         self.sampler.set_position(self.state.epoch, self.state.batch)
         it = iter(self.loader)
-        while True:
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def fetch():
             t0 = time.perf_counter()
             try:
                 x1, x2, seconds = next(it)  # waits for the loader
             except StopIteration:
-                return
+                return None
             self.data_wait_s += time.perf_counter() - t0
             self.sample_time_s += float(seconds.sum())
             self.samples += len(seconds)
-            yield (x1.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format),
-                   x2.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format))
+            with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
+                return [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                        for x in (x1, x2)]
+
+        nxt = fetch()
+        while nxt is not None:
+            batch = nxt
+            if cuda:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_stream(copy_stream)
+                for x in batch:
+                    x.record_stream(current)  # the allocator must not reuse it early
+            nxt = fetch()  # the next copy overlaps this step
+            yield batch[0], batch[1]
 
     def _autocast(self):
         if self.amp_dtype is None:

@@ -13,7 +13,8 @@ def test_digits_defaults_fit_the_cpu_budget():
     cfg = Config(device="cpu")
     assert cfg.recipe_name() == "digits"
     assert (cfg.arch, cfg.small_stem, cfg.expander, cfg.image_size) == ("resnet18", True, 0, 16)
-    assert cfg.projector == "512-512-512" and cfg.batch_size == 128 and cfg.epochs == 12
+    assert cfg.projector == "512-512-512" and cfg.batch_size == 128 and cfg.epochs == 10
+    assert (cfg.lr, cfg.weight_decay, cfg.lars_eta, cfg.loss_scale) == (0.3, 1e-4, 0.02, 0.1)
     assert cfg.precision == "fp32" and cfg.channels_last is False
 
 
@@ -31,6 +32,7 @@ def test_small_images_recipe():
     assert cfg.recipe_name() == "small"
     assert (cfg.arch, cfg.small_stem, cfg.expander) == ("resnet18", True, 0)
     assert cfg.projector == "8192-8192-8192"
+    assert (cfg.lr, cfg.weight_decay, cfg.lars_eta, cfg.loss_scale) == (0.3, 1e-4, 0.02, 0.1)
     explicit = Config(dataset="synthetic", image_size=32, arch="resnet50", small_stem=False,
                       device="cpu")
     assert explicit.expander == 2048 and explicit.small_stem is False

@@ -179,7 +179,8 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                  f"({pairs:.1f} pairs/s, i.e. {2 * pairs:.1f} images/s)"
                  if pairs else f"done: no step run (already at step {summary['steps']})")
     if loader is not None:
-        who = (f"{cfg.workers} worker(s) x 1 / their measured time per pair" if cfg.workers
+        workers = summary.get("loader_workers")
+        who = (f"{workers} worker(s) x 1 / their measured time per pair" if workers
                else "the main process: 1 / measured time per pair")
         lines.append(f"loader: capacity about {loader:.0f} pairs/s ({who}); waiting for data "
                      f"{100 * (wait or 0):.1f}% of the run")

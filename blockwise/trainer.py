@@ -55,6 +55,8 @@ from profiling import Profiler
 
 GIB = float(1 << 30)
 METRICS = "metrics.jsonl"
+#: host memory the loader's prefetched batches may hold (per process)
+LOADER_HOST_BYTES = 8 * GIB
 
 
 class NonFiniteLoss(RuntimeError):
@@ -342,11 +344,16 @@ class Trainer:
                              f"batch of --batch-size {cfg.batch_size}")
         self.sampler = EpochBatches(n, cfg.batch_size, cfg.seed, self.dist.rank, world)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        workers = cfg.workers
+        # Each worker prepares whole batches, 2 ahead: cap the host memory they hold (a batch of
+        # 1024 pairs at 224 px is 1.2 GB of float32; 15 workers x 2 of them would be 37 GB).
+        pair_bytes = 2 * 3 * cfg.image_size ** 2 * 4
+        fit = int(LOADER_HOST_BYTES // (2 * pair_bytes * self.sampler.local_batch))
+        workers = min(cfg.workers, max(1, fit)) if cfg.workers > 0 else 0
+        self.workers = workers
         self.loader = DataLoader(
             SeededPairs(self.bundle.train_ssl), batch_sampler=self.sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None, generator=torch.Generator())
+            prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
 
         # ---- models, optimizers (sequential: a block's head and optimizer are built when it starts)
         self.blocks = initial_blocks(cfg).to(self.device, memory_format=self.memory_format)
@@ -783,7 +790,7 @@ class Trainer:
         elapsed = time.perf_counter() - self._t_run
         done = self._bar.n - self._bar.initial if hasattr(self, "_bar") else 0
         pairs = done * self.cfg.batch_size
-        loader = (self.cfg.workers or 1) * self.samples / self.sample_time_s \
+        loader = (self.workers or 1) * self.samples / self.sample_time_s \
             if self.sample_time_s > 0 else None
         return {
             "mode": self.cfg.mode,
@@ -796,6 +803,7 @@ class Trainer:
             "peak_memory_gib": self.peak_memory_gib(),
             "peak_memory_gib_per_block": dict(self.peaks) or None,
             "measured_steps": self.measured_steps,
+            "loader_workers": self.workers,
             "last_checkpoint": self.last_checkpoint,
         }
 

@@ -30,38 +30,54 @@ N=256, D=8192)
 ---------------------------------------------------------------------------------------------
 1. ``_bt_stats_kernel``: one pass over z1 and z2 (Chan's parallel merge of per-tile centred sums,
    robust to a large mean): per-feature mean and rstd of both inputs, d, and the on-diagonal part
-   of the loss. Nothing of size N x D is written: a and b are recomputed on load wherever they are
-   needed ((z - mean) * rstd is two flops per element, far cheaper than a round trip through
-   memory, and it keeps the peak memory at the floor).
-2. ``_bt_gram_fwd_kernel``: both N x N products in one pass over z (each program loads the same
-   rows of z1 and z2 and feeds two accumulators), upper-triangular tiles only (G is symmetric, the
-   lower triangle is a mirrored store), split over D when there are fewer tiles than
-   multiprocessors (then ``_bt_gram_reduce_kernel`` sums the split partials, with no atomics,
-   so results are deterministic). The epilogue writes the per-tile <G_a, G_b> partial of the loss;
-   the loss is one sum over the partials of kernels 1 and 2.
+   of the loss; for N <= 512 a second pass over its (L2-resident) columns writes a = BN(z1) and
+   b = BN(z2) in the input dtype. For larger N ``_bt_normalize_kernel`` writes them instead (an
+   elementwise grid; the column-loop kernel would be latency bound).
+2. ``_bt_gram_fwd_kernel``: both N x N products in one pass (each program feeds two
+   accumulators), upper-triangular tiles only (G is symmetric, the lower triangle is a mirrored
+   store), split over D when there are too few tiles to fill the device (then
+   ``_bt_gram_reduce_kernel`` sums the split partials, with no atomics, so results are
+   deterministic). Tile size and split come from a wave-quantisation model (``_gram_fwd_plan``).
+   The epilogue writes the per-tile <G_a, G_b> partial of the loss from the fp32 accumulators and
+   stores G / D in the input dtype (D keeps fp16 in range); the loss is one sum over the partials
+   of kernels 1 and 2.
 3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b) and the pre-BN gradient g. When one row tile
    holds the whole batch (N <= 256) the BatchNorm backward's column sum s2 is complete inside the
    program and the kernel writes dz directly: one launch for the whole backward. Otherwise it
    writes g to the fp32 scratch and per-row-tile partial sums of g * x, and
    ``_bt_gram_finalize_kernel`` applies the BatchNorm backward and writes dz in the input dtype.
-Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and G_a,
-G_b (two N x N fp32 buffers; they are what makes the backward a pair of matmuls instead of a
-recomputation of the forward). When the two sides are processed one after the other (large N),
-G_b is released as soon as dz1 is done and dz2 is allocated only then: the peak is
-max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk, never both grams and both gradients.
+Why a and b are materialised: a first version normalised z inside the GEMM K-loops, and with
+that elementwise transform between load and dot its GEMMs ran at 60-140 TFLOP/s on the H100
+(most likely the loads were not software-pipelined; not checked in SASS); as plain GEMMs on
+16-bit buffers they run at 280-315 TFLOP/s (docs/performance.md). The buffer costs no extra peak
+memory where it matters: in the backward for N > 256 BN(z) of one side is written into that
+side's own gradient buffer (a column chunk of it is overwritten by the gradient only after the
+chunk's last read), and the forward's [2, N, D] copy is released at the end of the forward (kept
+for the backward only when N <= 256, where it is small). The epilogues still recompute BN(z)
+from z in fp32, so only the GEMM operands are rounded.
+Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and
+G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair of
+GEMMs instead of a recomputation of the forward). When the two sides are processed one after the
+other (large N), G_b is released as soon as dz1 is done and dz2 is allocated only then: the peak
+is max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk.
 
 Numerics
 --------
 All accumulation is fp32 (fp64 for fp64 inputs), the loss is returned in fp32 (fp64 for fp64).
-Forward dot operands: a, b rounded to the input dtype (bf16/fp16; fp32 inputs use IEEE fp32
-dots, not tf32). Backward dots (G_b a): G in fp32, a in fp32, ``input_precision="tf32"`` for 16-bit
-inputs. Why tf32 and not bf16 there: in the Gram form the gradient is a difference of two large
-terms when the two views are correlated (C near the identity: (1/N) b v ~ -(2 lambd / N) b and
-(2 lambd / N^2) G_b a ~ +(2 lambd / N) b), so operand rounding in G_b a is amplified. Emulated on
-CPU at N=256, D=8192 (float64 reference), gradient relative error: independent views 1.71e-3
-(bf16) vs 1.66e-3 (tf32), the bf16 rounding of the exact gradient alone being 1.66e-3;
-correlated views (rho=0.9) 1.4e-2 (bf16) vs 3.3e-3 (tf32), eager bf16 autocast 1.6e-2. tf32
-costs twice the bf16 rate on the backward matmuls; docs/performance.md has both measured.
+Dot operands: a, b and G / D in the input dtype (bf16/fp16); fp32 inputs use IEEE fp32 dots
+(not tf32: torch's own fp32 matmul does not use tf32 by default either) and fp32 G. Measured on
+the H100 against a float64 reference, bf16 inputs, D=8192, N in {256, 1024, 2048}: loss relative
+error <= 1.1e-6 and gradient relative error <= 1.71e-3 on independent random views (the bf16
+rounding of the exact gradient alone is 1.66e-3; eager bf16 autocast: 3.4e-3), fp32 inputs
+5.9e-8 / 1.4e-7 (N=256). The Gram gradient is a difference of two large terms when the views are
+strongly correlated (C near the identity: (1/N) b v ~ -(2 lambd / N) b and
+(2 lambd / N^2) G_b a ~ +(2 lambd / N) b), so operand rounding in G_b a is amplified there: at
+correlation 0.9 the gradient error is 7.8e-3 / 2.9e-3 / 2.1e-3 (eager autocast 1.2e-2; loss
+error <= 4e-5). ``barlow_twins_fwd(..., grad_precision="tf32")`` keeps G in fp32 and runs those
+dots in tf32 (5.6e-3 / 2.4e-3 / 1.9e-3), at 1.7x the backward GPU time at N=2048. The cross
+backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was measured at 3.6x
+the fp16 reference's error (IEEE made the cross method about 6x slower at D=8192: 9.4 -> 54 ms
+at N=256; it is not what "auto" picks there).
 
 Distributed
 -----------
@@ -669,7 +685,7 @@ def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Pre
     else:
         raise ValueError(f"{_OP}: grad_precision must be 'input' or 'tf32', got {grad_precision!r}")
     # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands);
-    # cross backward: fp32 m(C) against the upcast operand, IEEE (tf32 was measured too coarse)
+    # cross backward: fp32 m(C) against BN(z) in fp32, IEEE (tf32 was measured too coarse)
     return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gstore, gstore != torch.float32, gop,
                       gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32)
 

@@ -7,8 +7,12 @@ kernels. torch itself does not import triton at import time; we check that it di
 import os
 import sys
 
-import pytest
-import torch
+# Under Triton's interpreter every tl.dot is a small numpy matmul; a multi-threaded OpenBLAS on a
+# busy 2-core CI machine makes those ~800x slower. Must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -17,8 +17,10 @@ Three recipes:
   steps, almost nothing in a short run (on digits the features stayed those of the random init).
 - ``digits`` (the embedded default dataset) keeps the small recipe except what the time budget
   forces: 16 px images (the digits are 8x8), projector 512-512-512, batch 128, 10 epochs. The
-  default command ``python -m blockwise.train --fused`` then pre-trains and probes in about 5
-  minutes on 2 CPU cores. Random-init ResNet features already probe at about 96% on digits,
+  default command ``python -m blockwise.train --fused`` then pre-trains and probes within the
+  5-minute budget on 2 CPU cores (measured: ``time python -m blockwise.train --fused``, 3 min
+  11 s wall, 110 steps in 178 s, on a 2-vCPU VM (AMD EPYC), torch 2.14.1, while
+  other jobs kept the load average near 2). Random-init ResNet features already probe at about 96% on digits,
   so this run shows the pipeline, not a learning gain; the learning check is
   scripts/gpu_learning_check.sh on CIFAR-10-sized data.
 

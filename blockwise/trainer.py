@@ -381,6 +381,7 @@ class Trainer:
         self.samples = 0
         self.measured_steps = 0
         torch.manual_seed(_mix(cfg.seed, 3, self.dist.rank))  # the noise generator
+        self._resume_ckpt: Optional[dict] = None
         if cfg.resume:
             self._load(cfg.resume)
         if cfg.mode == "sequential" and self.state.block < 4:
@@ -810,8 +811,6 @@ class Trainer:
     def close(self) -> None:
         self.prof.close()
 
-
-Trainer._resume_ckpt = None
 
 
 class _NoBar:

@@ -32,6 +32,15 @@ def device() -> torch.device:
     return DEVICE
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny CPU models: one intra-op thread (two threads on a busy 2-core machine are slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -39,3 +39,18 @@ def assert_three_way(kernel: torch.Tensor, torch_same_dtype: torch.Tensor, ref64
     k = rel_err(kernel, ref64)
     t = rel_err(torch_same_dtype, ref64)
     assert k <= 2 * t + atol, f"{name}: kernel rel err {k:.3e} > 2 * torch rel err {t:.3e} + {atol:g}"
+
+
+#: the smallest CPU training run the CLI accepts: tests of the trainer's CLI and probe start here
+TINY_TRAIN_ARGS = ["--dataset", "synthetic", "--image-size", "8", "--synthetic-size", "32",
+                   "--num-classes", "4", "--batch-size", "8", "--projector", "16-16",
+                   "--epochs", "1", "--workers", "0", "--device", "cpu", "--log-interval", "1"]
+
+
+def compile_static(fn, recompile_limit: int):
+    """torch.compile(fn, dynamic=False) with room for one compile per benchmarked shape."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), recompile_limit))
+    return torch.compile(fn, dynamic=False)

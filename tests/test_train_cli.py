@@ -13,17 +13,10 @@ import torchvision
 from blockwise import train
 from blockwise.trainer import Trainer
 
-TINY = ["--dataset", "synthetic", "--image-size", "8", "--synthetic-size", "32",
-        "--num-classes", "4", "--batch-size", "8", "--projector", "16-16", "--epochs", "1",
-        "--workers", "0", "--device", "cpu", "--log-interval", "1"]
+from helpers import TINY_TRAIN_ARGS as TINY
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(args, capsys):

@@ -15,7 +15,7 @@ rates measured in the same session, and measured / floor for the median.
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import compile_static, rel_err
 from kernels.barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -39,11 +39,7 @@ def _ref_autocast(z1, z2):
 
 def _ref_compiled():
     if "fn" not in _compiled:
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 16))
-        _compiled["fn"] = torch.compile(_ref_autocast, dynamic=False)
+        _compiled["fn"] = compile_static(_ref_autocast, recompile_limit=16)
     return _compiled["fn"]
 
 

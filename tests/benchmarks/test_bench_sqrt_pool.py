@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_err
+from helpers import compile_static, rel_err
 from kernels import sqrt_pool2d, sqrt_pool2d_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -33,11 +33,7 @@ _compiled = {}
 def _lp_compiled():
     """One torch.compile of F.lp_pool2d, static shapes, enough recompiles for every case."""
     if "fn" not in _compiled:
-        cfg = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
-            if hasattr(cfg, name):
-                setattr(cfg, name, max(getattr(cfg, name), 64))
-        _compiled["fn"] = torch.compile(F.lp_pool2d, dynamic=False)
+        _compiled["fn"] = compile_static(F.lp_pool2d, recompile_limit=64)
     return _compiled["fn"]
 
 

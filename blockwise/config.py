@@ -84,6 +84,10 @@ class Config:
     pool: str = _f("avg", "spatial pooling of each head: avg or sqrt (square-root / L2 pooling)")
     pool_window: Optional[int] = _f(None, "pooling window k (k x k, stride k, then the mean over "
                                     "positions); default: global pooling")
+    expander_recompute: bool = _f(True, "expander+pooling without storing the Cout x H x W map: BN "
+                                  "statistics from the input's second moments, the map recomputed "
+                                  "chunk by chunk in backward; ~1 extra 1x1 conv of compute per head "
+                                  "(global pooling only; window pooling keeps the plain path)")
     projector: Optional[str] = _f(None, "projector widths, e.g. 8192-8192-8192 (default: that, "
                                   "as the paper; 512-512-512 for digits)")
     split_views: bool = _f(False, "back-propagate the two views one after the other: half the "

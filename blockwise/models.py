@@ -281,10 +281,14 @@ class BlockHead(nn.Module):
         fused: square-root pooling through ``kernels.sqrt_pool2d`` (Triton) instead of
             ``kernels.sqrt_pool2d_ref``; falls back to the reference, with one warning, where the
             kernel cannot run (CPU without TRITON_INTERPRET) or does not exist.
+        expander_recompute: with an expander and global pooling, expander + pooling run as
+            :class:`blockwise.expander.ExpanderPool` (the Cout x H x W map is never stored; same
+            parameter names and state dict as the plain ``nn.Sequential``). Window pooling always
+            takes the plain path. Its output is fp32 under autocast (the plain path's: bf16).
     """
 
     def __init__(self, in_channels: int, expander: int, pool: str, pool_window: Optional[int],
-                 projector: str, fused: bool):
+                 projector: str, fused: bool, expander_recompute: bool = False):
         super().__init__()
         if not isinstance(in_channels, int) or in_channels <= 0:
             raise ValueError(f"BlockHead: in_channels must be a positive int, got {in_channels!r}")
@@ -299,7 +303,12 @@ class BlockHead(nn.Module):
         self.pool = pool
         self.pool_window = pool_window
         self.fused = bool(fused)
-        if expander > 0:
+        self.expander_recompute = bool(expander_recompute) and expander > 0 and pool_window is None
+        if self.expander_recompute:
+            from blockwise.expander import ExpanderPool
+            self.expander = ExpanderPool(in_channels, expander, pool)
+            self.feature_dim = expander
+        elif expander > 0:
             self.expander = nn.Sequential(
                 nn.Conv2d(in_channels, expander, kernel_size=1, bias=False),
                 nn.BatchNorm2d(expander),
@@ -317,6 +326,8 @@ class BlockHead(nn.Module):
         """Expander then pooling: N x feature_dim (the representation before the projector)."""
         if x.dim() != 4:
             raise ValueError(f"BlockHead: expected an N x C x H x W feature map, got shape {tuple(x.shape)}")
+        if self.expander_recompute:
+            return self.expander(x)  # expander + global pooling in one op
         x = self.expander(x)
         window = self.pool_window
         if window is not None:
@@ -327,7 +338,8 @@ class BlockHead(nn.Module):
         return self.projector(self.pooled(x))
 
     def extra_repr(self) -> str:
-        return f"pool={self.pool}, pool_window={self.pool_window}, fused={self.fused}, out_dim={self.out_dim}"
+        return (f"pool={self.pool}, pool_window={self.pool_window}, fused={self.fused}, "
+                f"expander_recompute={self.expander_recompute}, out_dim={self.out_dim}")
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, scale: float = 1.0,

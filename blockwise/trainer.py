@@ -120,7 +120,8 @@ def initial_head(cfg: Config, k: int, fused: bool) -> models.BlockHead:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1000 + 101 + k)
         return models.BlockHead(models.block_channels(cfg.arch)[k], cfg.expander, cfg.pool,
-                                cfg.pool_window, cfg.projector, fused)
+                                cfg.pool_window, cfg.projector, fused,
+                                expander_recompute=cfg.expander_recompute)
 
 
 class BarlowTwinsLoss:

@@ -301,6 +301,22 @@ def _bt_stats_kernel(
 
 
 @triton.jit
+def _normalize_tile(z_ptr, o_ptr, mean_ptr, rstd_ptr, side, ROWS, D, pid_r, pid_c,
+                    BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr,
+                    EMU_BF16: tl.constexpr):
+    """One BM x BN tile of o = BN(z) (statistics row `side`), in o's dtype."""
+    rows = pid_r * BM + tl.arange(0, BM)
+    cols = pid_c * BN + tl.arange(0, BN)
+    cmask = cols < D
+    mask = (rows < ROWS)[:, None] & cmask[None, :]
+    m = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+    r = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(o_ptr + offs, _to_output((x - m[None, :]) * r[None, :], o_ptr, EMU_BF16), mask=mask)
+
+
+@triton.jit
 def _bt_normalize_kernel(
     z1_ptr, z2_ptr,       # [N, D] inputs (the global batch)
     mean_ptr, rstd_ptr,   # [2, D] batch statistics
@@ -315,15 +331,8 @@ def _bt_normalize_kernel(
     else:
         z_ptr = z2_ptr
         o_ptr = b_ptr
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    cmask = cols < D
-    mask = (rows < ROWS)[:, None] & cmask[None, :]
-    m = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
-    r = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
-    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
-    x = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
-    tl.store(o_ptr + offs, _to_output((x - m[None, :]) * r[None, :], o_ptr, EMU_BF16), mask=mask)
+    _normalize_tile(z_ptr, o_ptr, mean_ptr, rstd_ptr, side, ROWS, D, tl.program_id(0),
+                    tl.program_id(1), BM, BN, ACC, EMU_BF16)
 
 
 @triton.jit
@@ -512,36 +521,49 @@ def _bt_gram_finalize_kernel(
     g_ptr,                # [sides, R, DC] pre-BatchNorm gradient from _bt_gram_bwd_kernel
     s2_ptr,               # [2, n_parts, D] partial sums of g * x (summed here)
     dz1_ptr, dz2_ptr,     # [R, D] out: gradients of this rank's rows, in the input dtype
-    R, N, D, row0, col0, DC, side0, n_parts,
+    nrm_ptr,              # n_fin < grid z: [N, D] out BN(z) of side nrm_side (the next side's
+                          # K-loop operand), written by the programs with program_id(2) == n_fin
+    R, N, D, row0, col0, DC, side0, n_parts, n_fin, nrm_side,
     BM: tl.constexpr, BN: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     ps = tl.program_id(2)
-    side = side0 + ps
-    if side == 0:
-        x_ptr = z1_ptr
-        dz_ptr = dz1_ptr
+    if ps < n_fin:
+        side = side0 + ps
+        if side == 0:
+            x_ptr = z1_ptr
+            dz_ptr = dz1_ptr
+        else:
+            x_ptr = z2_ptr
+            dz_ptr = dz2_ptr
+        rows = pid_r * BM + tl.arange(0, BM)
+        rmask = rows < R
+        cols = col0 + pid_c * BN + tl.arange(0, BN)
+        cmask = cols < tl.minimum(D, col0 + DC)
+        s2 = tl.zeros([BN], ACC)
+        for p in range(0, n_parts):
+            s2 += tl.load(s2_ptr + (side * n_parts + p).to(tl.int64) * D + cols, mask=cmask,
+                          other=0.0)
+        mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
+        rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
+        m2 = rmask[:, None] & cmask[None, :]
+        xv = (tl.load(x_ptr + (row0 + rows)[:, None].to(tl.int64) * D + cols[None, :], mask=m2,
+                      other=0.0).to(ACC) - mx[None, :]) * rx[None, :]
+        g = tl.load(g_ptr + (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :],
+                    mask=m2, other=0.0)
+        dz = rx[None, :] * (g - xv * (s2 / N)[None, :])
+        tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
+                 _to_output(dz, dz_ptr, EMU_BF16), mask=m2)
     else:
-        x_ptr = z2_ptr
-        dz_ptr = dz2_ptr
-    rows = pid_r * BM + tl.arange(0, BM)
-    rmask = rows < R
-    cols = col0 + pid_c * BN + tl.arange(0, BN)
-    cmask = cols < tl.minimum(D, col0 + DC)
-    s2 = tl.zeros([BN], ACC)
-    for p in range(0, n_parts):
-        s2 += tl.load(s2_ptr + (side * n_parts + p).to(tl.int64) * D + cols, mask=cmask, other=0.0)
-    mx = tl.load(mean_ptr + side * D + cols, mask=cmask, other=0.0)
-    rx = tl.load(rstd_ptr + side * D + cols, mask=cmask, other=0.0)
-    m2 = rmask[:, None] & cmask[None, :]
-    xv = (tl.load(x_ptr + (row0 + rows)[:, None].to(tl.int64) * D + cols[None, :], mask=m2,
-                  other=0.0).to(ACC) - mx[None, :]) * rx[None, :]
-    g = tl.load(g_ptr + (ps * R + rows)[:, None].to(tl.int64) * DC + (cols - col0)[None, :],
-                mask=m2, other=0.0)
-    dz = rx[None, :] * (g - xv * (s2 / N)[None, :])
-    tl.store(dz_ptr + rows[:, None].to(tl.int64) * D + cols[None, :],
-             _to_output(dz, dz_ptr, EMU_BF16), mask=m2)
+        # the next side's BN(z) rides on this launch (one launch less; it writes only nrm_ptr,
+        # which no finalize program reads)
+        if nrm_side == 0:
+            z_ptr = z1_ptr
+        else:
+            z_ptr = z2_ptr
+        _normalize_tile(z_ptr, nrm_ptr, mean_ptr, rstd_ptr, nrm_side, N, D, pid_r, pid_c, BM, BN,
+                        ACC, EMU_BF16)
 
 
 @triton.jit
@@ -641,13 +663,19 @@ def _bt_cross_grad_kernel(
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float64: tl.float64}
-_SCRATCH_BYTES = 8 << 20        # gram backward: fp32 gradient scratch per column chunk
-_SCRATCH_BOTH_BYTES = 16 << 20  # ... both sides in one launch when the whole thing fits this
+# gram backward: fp32 gradient scratch per column chunk (one side at a time), and both sides in
+# one launch when the whole thing fits _SCRATCH_BOTH_BYTES. 32 MiB: D = 8192 bf16 takes one chunk
+# per side at N = 1024, two at N = 2048 (peak about 24 MiB above 8 MiB chunks, still under a
+# quarter of torch.compile's peak there); a full-width scratch for both sides (the fewest
+# launches) would cost 128 MiB at N = 2048.
+_SCRATCH_BYTES = 32 << 20
+_SCRATCH_BOTH_BYTES = 32 << 20
 _SPLIT_BYTES = 16 << 20         # gram forward: split-over-D partial tiles
 _PANEL_BYTES = 16 << 20         # cross backward: one row panel of m(C)
 _STATS_BLOCK_D = 64
 _STATS_WRITE_MAX_ROWS = 512     # up to here the stats kernel also writes a, b (one launch less)
 _FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
+_EW_BLOCK = (64, 128) if INTERPRETER else (32, 128)  # normalise / finalise tiles (BM, BN)
 
 
 @dataclass(frozen=True)
@@ -926,10 +954,20 @@ def _stats(z1, z2, lambd, scale, eps, pr: _Precision, part, ab):
 def _normalize(z1, z2, mean, rstd, out_a, out_b, sides, pr: _Precision) -> None:
     """out_a = BN(z1) (side 0) and / or out_b = BN(z2) (side 1), all rows, in the input dtype."""
     n, d = z1.shape
-    bm, bn = (64, 128) if INTERPRETER else (32, 128)
+    bm, bn = _EW_BLOCK
     _launch(_bt_normalize_kernel, (triton.cdiv(n, bm), triton.cdiv(d, bn), len(sides)), z1, z2,
             mean, rstd, out_a, out_b, n, d, sides[0], BM=bm, BN=bn, ACC=pr.acc,
             EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=1)
+
+
+def _reuse_ab(n: int, d: int, dtype: torch.dtype, pr: _Precision) -> bool:
+    """Gram, single process, N > _FINAL_MAX_ROWS: keep the forward's [2, N, D] a, b until the
+    backward and use them as its K-loop operands *and* as the dz1, dz2 buffers (the gradient of a
+    column chunk overwrites it after the chunk's last read, as for the recomputed copy). Saves the
+    backward's BatchNorm launches; costs holding a, b (the size of dz1 + dz2) from the forward to
+    the backward, and a backward peak higher by one G (dz2 exists while G_b does). Taken only
+    while that G is at most 1/8 of a gradient (N <= D / 8 for 16-bit G): at D = 8192, N <= 1024."""
+    return 8 * n * n * pr.gstore.itemsize <= n * d * dtype.itemsize
 
 
 def _normalized(st: _State) -> torch.Tensor:
@@ -993,12 +1031,15 @@ def _cross_fwd(st: _State, ab: torch.Tensor):
 
 def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: float, eps: float,
                      method: str, group=None, grad_precision: Optional[str] = None,
-                     keep_for_backward: bool = True) -> Tuple[torch.Tensor, _State]:
+                     keep_for_backward: bool = True,
+                     need: Tuple[bool, bool] = (True, True)) -> Tuple[torch.Tensor, _State]:
     """Forward launcher: validated inputs in, (fp32 loss, state for barlow_twins_bwd) out.
 
     grad_precision (16-bit inputs only): "input" (default) stores G_a, G_b in the input dtype and
     runs the backward Gram dots on 16-bit operands; "tf32" stores them in fp32 and runs tf32 dots
-    (more accurate when the views are strongly correlated, slower: docs/performance.md)."""
+    (more accurate when the views are strongly correlated, slower: docs/performance.md).
+    need: which gradients the backward will be asked for (both: the forward's a, b may become the
+    gradient buffers, see _reuse_ab)."""
     dd = _resolve_group(group)
     z1 = z1.contiguous()
     z2 = z2.contiguous()
@@ -1033,6 +1074,9 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
             st.gram = [ga, gb]
             if not dd.active and rows <= _FINAL_MAX_ROWS:
                 st.ab = ab  # small: the one-kernel backward reads it (otherwise recomputed)
+            elif not dd.active and all(need) and _reuse_ab(n, d, z1.dtype, pr):
+                st.ab = ab  # becomes dz1, dz2 (already normalised: no backward BN launch)
+                st.extra["ab_as_dz"] = True
     else:
         cpart, rowp, colp = _cross_fwd(st, ab)
         loss = cpart.sum()  # the tiles hold the whole loss, the diagonal included
@@ -1089,19 +1133,32 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     if st.dist.active:
         s2.zero_()  # summed over all row tiles, chunk by chunk, before the all-reduce
     scratch = _empty((len(groups[0]), r, dc), dev, pr.torch_acc)
-    for grp in groups:
-        side0, ns = grp[0], len(grp)
-        ga = gram[0] if gram[0] is not None else gram[1]
-        gb = gram[1] if gram[1] is not None else gram[0]
-        xbuf: List[Optional[torch.Tensor]] = [None, None]
-        for s in grp:  # allocated only now: dz2 takes the place of the released G_b
+    xbuf: List[Optional[torch.Tensor]] = [None, None]
+    reuse = st.extra.pop("ab_as_dz", False) and st.ab is not None
+
+    def alloc(grp):  # dz2 is allocated only once G_b is released: it takes its place
+        for s in grp:
             dz[s] = _empty((r, d), dev, z1.dtype)
             # the K-loop operand BN(z) of every row: single process, it lives in the gradient's
             # own buffer (a column chunk of it is overwritten only after its last read)
             xbuf[s] = _empty((n, d), dev, z1.dtype) if st.dist.active else dz[s]
+
+    if reuse:  # the forward's a, b: normalised already, and they become dz1, dz2
+        ab, st.ab = st.ab, None
+        for s in sides:
+            dz[s] = xbuf[s] = ab[s]
+        del ab
+    else:
+        alloc(groups[0])
+        _normalize(z1, z2, st.mean, st.rstd, xbuf[groups[0][0]], xbuf[groups[0][-1]], groups[0],
+                   pr)
+    fb, fbn = _EW_BLOCK
+    for gi, grp in enumerate(groups):
+        side0, ns = grp[0], len(grp)
+        ga = gram[0] if gram[0] is not None else gram[1]
+        gb = gram[1] if gram[1] is not None else gram[0]
         xa = xbuf[0] if xbuf[0] is not None else xbuf[1]
         xb = xbuf[1] if xbuf[1] is not None else xbuf[0]
-        _normalize(z1, z2, st.mean, st.rstd, xa, xb, grp, pr)
         out1 = dz[0] if dz[0] is not None else dz[1]
         out2 = dz[1] if dz[1] is not None else dz[0]
         for col0 in range(0, d, dc):
@@ -1119,15 +1176,24 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
                 s2_arg, n_parts = s2[:, :1].contiguous(), 1
             else:
                 s2_arg, n_parts = s2, tr
-            fb = 32 if not INTERPRETER else 64
-            _launch(_bt_gram_finalize_kernel, (triton.cdiv(r, fb), triton.cdiv(ncols, 128), ns),
-                    z1, z2, st.mean, st.rstd, scratch, s2_arg, out1, out2, r, n, d, st.row0, col0,
-                    dc, side0, n_parts, BM=fb, BN=128, ACC=pr.acc, EMU_BF16=pr.emu_bf16,
-                    num_warps=4, num_stages=1)
-        del xa, xb, xbuf
+            nxt = None
+            if not reuse and col0 + dc >= d and gi + 1 < len(groups):
+                nxt = groups[gi + 1]
+            nrm, nrm_side, grid_r, grid_c = out1, 0, triton.cdiv(r, fb), triton.cdiv(ncols, fbn)
+            if nxt is not None:
+                # the last chunk of this side: the next side's BN(z) rides on its finalize launch
+                ga = gb = xa = xb = None
+                if grp == [0]:
+                    gram[1] = None  # G_b is only read for dz1: free it before dz2 is allocated
+                alloc(nxt)
+                nrm, nrm_side = xbuf[nxt[0]], nxt[0]
+                grid_r, grid_c = triton.cdiv(max(r, n), fb), triton.cdiv(d, fbn)
+            _launch(_bt_gram_finalize_kernel, (grid_r, grid_c, ns + (nxt is not None)),
+                    z1, z2, st.mean, st.rstd, scratch, s2_arg, out1, out2, nrm, r, n, d, st.row0,
+                    col0, dc, side0, n_parts, ns, nrm_side, BM=fb, BN=fbn, ACC=pr.acc,
+                    EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=1)
         if grp == [0]:
-            gram[1] = None  # G_b is only read for dz1: free it before dz2 is allocated
-            ga = gb = None
+            gram[1] = None
     return dz
 
 
@@ -1219,7 +1285,8 @@ class _BarlowTwinsLossFn(torch.autograd.Function):
         keep = any(ctx.needs_input_grad[:2])
         with _on_device(z1.device):
             loss, st = barlow_twins_fwd(z1, z2, float(lambd), float(scale), float(eps), method,
-                                        group, keep_for_backward=keep)
+                                        group, keep_for_backward=keep,
+                                        need=tuple(bool(x) for x in ctx.needs_input_grad[:2]))
         ctx.state = st
         return loss
 

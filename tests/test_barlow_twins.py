@@ -237,6 +237,80 @@ def test_scratch_chunking_and_sequential_sides(monkeypatch, device):
     assert_close(d2, g2, rtol=1e-5, atol=1e-5 * s2, name="dz2")
 
 
+def _recording_launch(monkeypatch, run=True):
+    """Replace bt._launch by one that records the kernel names (and launches them when run)."""
+    names = []
+    orig = bt._launch
+
+    def rec(kernel, grid, *args, **kwargs):
+        names.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        if run:
+            orig(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(bt, "_launch", rec)
+    return names
+
+
+@pytest.mark.parametrize("budgets", ["default", "chunked"])
+def test_gram_backward_reuses_forward_buffers(budgets, monkeypatch, device):
+    """N > _FINAL_MAX_ROWS and N <= D / 8: the forward's a, b become the K-loop operands and the
+    gradient buffers (no BatchNorm launch in the backward), whole-width or in column chunks with
+    the sides one after the other; with only one gradient wanted they are not kept."""
+    monkeypatch.setattr(bt, "_FINAL_MAX_ROWS", 0)
+    if budgets == "chunked":
+        monkeypatch.setattr(bt, "_SCRATCH_BYTES", 64 * 70 * 4 + 1)
+        monkeypatch.setattr(bt, "_SCRATCH_BOTH_BYTES", 0)
+    names = _recording_launch(monkeypatch)
+    z1, z2 = _inputs(70, 600, torch.float32, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2, 0.02, 1.0)
+    a = z1.clone().requires_grad_()
+    b = z2.clone().requires_grad_()
+    loss = barlow_twins_loss(a, b, lambd=0.02, method="gram")
+    n_fwd = len(names)
+    loss.backward()
+    bwd = names[n_fwd:]
+    assert "_bt_normalize_kernel" not in bwd, bwd
+    chunks = bwd.count("_bt_gram_bwd_kernel")
+    assert chunks == bwd.count("_bt_gram_finalize_kernel") == len(bwd) // 2, bwd
+    assert (chunks == 1) if budgets == "default" else (chunks > 2 and chunks % 2 == 0), bwd
+    assert rel_err(loss, ref) <= 1e-5
+    assert_close(a.grad, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1")
+    assert_close(b.grad, g2, rtol=1e-5, atol=1e-5 * s2, name="dz2")
+    names.clear()
+    a = z1.clone().requires_grad_()
+    loss = barlow_twins_loss(a, z2, lambd=0.02, method="gram")
+    loss.backward()
+    assert "_bt_normalize_kernel" in names  # recomputed: a, b were not kept for one gradient
+    assert_close(a.grad, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1 alone")
+
+
+@pytest.mark.parametrize("plan", ["interpreter", "h100"])
+@pytest.mark.parametrize("n, most", [(256, 4), (1024, 8), (2048, 12)])
+def test_gram_launch_count_large_batch(n, most, plan, monkeypatch):
+    """Host launch overhead dominates at these sizes (docs/performance.md): launches per
+    forward + backward, Gram, D = 8192 bf16, counted with launches replaced by no-ops (only the
+    launchers' Python runs, so the sizes are cheap here). "h100": the plan the GPU gets (tile
+    configs of compiled Triton, 132 SMs). Was 4 / 22 / 37 before the backward's chunks grew and
+    its finalise and BatchNorm launches were merged."""
+    names = _recording_launch(monkeypatch, run=False)
+    if plan == "h100":
+        monkeypatch.setattr(bt, "INTERPRETER", False)
+        monkeypatch.setattr(bt, "_sm_count", lambda dev: 132)
+    bt._precision.cache_clear()
+    bt._gram_fwd_plan.cache_clear()
+    try:
+        z1 = torch.zeros(n, 8192, dtype=torch.bfloat16, requires_grad=True)
+        z2 = torch.zeros(n, 8192, dtype=torch.bfloat16, requires_grad=True)
+        barlow_twins_loss(z1, z2, method="gram").backward()
+    finally:
+        monkeypatch.undo()
+        bt._precision.cache_clear()
+        bt._gram_fwd_plan.cache_clear()
+    assert z1.grad is not None and z2.grad is not None
+    assert names.count("_bt_gram_fwd_kernel") == 1 and "_bt_gram_bwd_kernel" in names, names
+    assert len(names) <= most, names
+
+
 def test_cross_panels(monkeypatch, device):
     """The cross backward builds m(C) in row panels; force several panels (ragged last one)."""
     monkeypatch.setattr(bt, "_PANEL_BYTES", 1)

@@ -22,8 +22,8 @@ column of a BatchNorm output sums to zero, sum_n b_n = 0, so that term is droppe
 approximately: it is zero for every input, which gradcheck confirms). The projection term
 s2 = sum_n g * x is a D-vector: in the cross form s2_i = sum_j C_ij M_ij falls out of the forward
 tiles for free; in the Gram form it needs the finished column of G_b a, so for N > 256 the
-gradient is computed per column chunk into an fp32 scratch (at most 8 MiB per chunk, 16 MiB when
-both sides fit in one chunk) and finalised by a second, elementwise kernel.
+gradient is computed per column chunk into an fp32 scratch (at most 32 MiB per chunk, both sides
+in one chunk when that fits 32 MiB) and finalised by a second, elementwise kernel.
 
 Kernels (Gram method, single process: 4 launches and one torch sum for forward + backward at
 N=256, D=8192)
@@ -45,7 +45,12 @@ N=256, D=8192)
    holds the whole batch (N <= 256) the BatchNorm backward's column sum s2 is complete inside the
    program and the kernel writes dz directly: one launch for the whole backward. Otherwise it
    writes g to the fp32 scratch and per-row-tile partial sums of g * x, and
-   ``_bt_gram_finalize_kernel`` applies the BatchNorm backward and writes dz in the input dtype.
+   ``_bt_gram_finalize_kernel`` applies the BatchNorm backward and writes dz in the input dtype;
+   the last finalise launch of side 0 also writes BN(z2) for side 1 (extra programs on its grid),
+   so the sides share their BatchNorm launches. Launches per forward + backward at D=8192 bf16
+   (the H100 plan; tests/test_barlow_twins.py counts them): 4 / 8 / 12 at N = 256 / 1024 / 2048
+   (4 / 22 / 37 with the earlier 8 MiB chunks, one finalise per chunk and a BatchNorm launch per
+   side). Wall time at these sizes is mostly host launch overhead (docs/performance.md).
 Why a and b are materialised: a first version normalised z inside the GEMM K-loops, and with
 that elementwise transform between load and dot its GEMMs ran at 60-140 TFLOP/s on the H100
 (most likely the loads were not software-pipelined; not checked in SASS); as plain GEMMs on
@@ -53,13 +58,16 @@ that elementwise transform between load and dot its GEMMs ran at 60-140 TFLOP/s 
 memory where it matters: in the backward for N > 256 BN(z) of one side is written into that
 side's own gradient buffer (a column chunk of it is overwritten by the gradient only after the
 chunk's last read), and the forward's [2, N, D] copy is released at the end of the forward (kept
-for the backward only when N <= 256, where it is small). The epilogues still recompute BN(z)
+for the backward when N <= 256, where it is small, and when 256 < N <= D / 8 with both gradients
+wanted: then it *is* dz1, dz2 (``_reuse_ab``), which saves the backward's BatchNorm launch for
+the price of holding it from forward to backward and a peak higher by one G). The epilogues still recompute BN(z)
 from z in fp32, so only the GEMM operands are rounded.
 Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and
 G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair of
 GEMMs instead of a recomputation of the forward). When the two sides are processed one after the
 other (large N), G_b is released as soon as dz1 is done and dz2 is allocated only then: the peak
-is max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk.
+is max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk (G_a + G_b + dz1 + dz2 + one
+chunk when the forward's a, b are reused).
 
 Numerics
 --------

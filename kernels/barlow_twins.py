@@ -60,7 +60,8 @@ side's own gradient buffer (a column chunk of it is overwritten by the gradient 
 chunk's last read), and the forward's [2, N, D] copy is released at the end of the forward (kept
 for the backward when N <= 256, where it is small, and when 256 < N <= D / 8 with both gradients
 wanted: then it *is* dz1, dz2 (``_reuse_ab``), which saves the backward's BatchNorm launch for
-the price of holding it from forward to backward and a peak higher by one G). The epilogues still recompute BN(z)
+the price of holding it from forward to backward and a peak higher by one G). The epilogues
+still recompute BN(z)
 from z in fp32, so only the GEMM operands are rounded.
 Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and
 G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair of

@@ -61,8 +61,7 @@ chunk's last read), and the forward's [2, N, D] copy is released at the end of t
 for the backward when N <= 256, where it is small, and when 256 < N <= D / 8 with both gradients
 wanted: then it *is* dz1, dz2 (``_reuse_ab``), which saves the backward's BatchNorm launch for
 the price of holding it from forward to backward and a peak higher by one G). The epilogues
-still recompute BN(z)
-from z in fp32, so only the GEMM operands are rounded.
+still recompute BN(z) from z in fp32, so only the GEMM operands are rounded.
 Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and
 G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair of
 GEMMs instead of a recomputation of the forward). When the two sides are processed one after the

@@ -5,9 +5,10 @@
 #   1. python -m profiling compare: ResNet-50, 224 px, batch 256, projector 8192-8192-8192, bf16,
 #      LARS, --fused; e2e / simultaneous / sequential (default heads: expander 2048 as the paper)
 #   2. the learning check on a CIFAR-10-layout folder (scripts/gpu_learning_check.sh)
-#   3. NVML counter vs power integration on >= 10 s windows (scripts/gpu_profile_energy.py)
-#   4. the same compare with --expander 0 (heads without the CbE expander)
-#   5. the independent measurement of run 1 (scripts/gpu_profile_independent.py)
+#   3. the Barlow Twins loss benchmark (fused auto/gram vs eager autocast vs torch.compile)
+#   4. NVML counter vs power integration on >= 10 s windows (scripts/gpu_profile_energy.py)
+#   5. the same compare with --no-expander-recompute (the expander's map stored for backward)
+#   6. the independent measurement of run 1 (scripts/gpu_profile_independent.py)
 #
 #   OUT=dir DATA=cifar_dir BUDGET_S=560 bash scripts/gpu_session.sh
 # Settings for a CPU dry run of the script itself: ARCH=resnet18 IMG=16 BATCH=8 PROJ=32-32
@@ -42,18 +43,21 @@ COMPARE=(python -m profiling compare --modes e2e,simultaneous,sequential --arch 
          --projector "$PROJ" --device "$DEVICE" --fused on)
 guard compare_default 200 "${COMPARE[@]}" --out "$WORK/compare_default"
 guard learning 190 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" "$WORK/learning" $LEARN_ARGS
+guard bt_bench 75 python -m pytest -q -p no:cacheprovider tests/benchmarks/test_bench_barlow_twins.py \
+    --benchmark-only -k "not fused_cross" --benchmark-columns=median,iqr,rounds \
+    --benchmark-json "$OUT/bt_bench.json"
 guard energy 45 python scripts/gpu_profile_energy.py --out "$WORK/energy"
-guard compare_noexp 150 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0
+guard compare_store 150 "${COMPARE[@]}" --out "$WORK/compare_store" -- --no-expander-recompute
 if [ -f "$WORK/compare_default/report.json" ]; then
     guard independent 90 python scripts/gpu_profile_independent.py \
         --report "$WORK/compare_default/report.json" --out "$WORK/independent"
 fi
 
-for r in compare_default compare_noexp; do
+for r in compare_default compare_store; do
     [ -f "$WORK/$r/report.md" ] && cp "$WORK/$r/report.md" "$OUT/$r.md"
 done
 say ""; say "== tables =="
-for r in compare_default compare_noexp; do
+for r in compare_default compare_store; do
     [ -f "$WORK/$r/report.md" ] && { say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"; }
 done
 grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL)" "$OUT"/*.log 2>/dev/null | tee -a "$LOG"

@@ -154,6 +154,20 @@ class _NoProfiler:
         return contextlib.nullcontext()
 
 
+class _Windows:
+    """The trainer's window calls: "step" is always timed (synchronizes the device at both
+    ends); the other windows (block<k>, block<k>/<phase>, e2e phases) are timed only with
+    ``phases`` (``--profile-phases``), else memory-only (peak memory, no synchronize)."""
+
+    __slots__ = ("prof", "phases")
+
+    def __init__(self, prof: Profiler, phases: bool):
+        self.prof, self.phases = prof, bool(phases)
+
+    def window(self, name: str):
+        return self.prof.window(name, timed=self.phases or name == "step")
+
+
 class Stage(nn.Module):
     """Block k and its head. ``forward(x1, x2) -> (f1, f2, loss)`` (f: block outputs, with noise);
     ``forward(x) -> (f, z)``: one view's block output and embedding (``--split-views``)."""
@@ -333,6 +347,7 @@ class Trainer:
                              f"{cfg.batch_size // world} image pair(s) per process; Barlow Twins "
                              "needs batch statistics: at least 2 per process")
         self.prof = Profiler(self.device, enabled=cfg.profile)
+        self.windows = _Windows(self.prof, cfg.profile_phases)
         self.loss_fn = BarlowTwinsLoss(cfg.lambd, cfg.loss_scale, self.fused, world)
 
         # ---- data
@@ -366,7 +381,7 @@ class Trainer:
         if cfg.mode == "e2e":
             self.heads[3] = self._new_head(3)
             self.model = self._wrap(EndToEnd(self.blocks, self.heads[3], self.loss_fn,
-                                             cfg.noise_std, self.prof))
+                                             cfg.noise_std, self.windows))
             self.optimizers[3] = self._new_optimizer(nn.ModuleList([self.blocks, self.heads[3]]))
         elif cfg.mode == "simultaneous":
             for k in range(4):
@@ -420,7 +435,7 @@ class Trainer:
     def _start_stage(self, k: int) -> None:
         self.heads[k] = self._new_head(k)
         self.stages[k] = self._wrap(Stage(k, self.blocks[k], self.heads[k], self.loss_fn,
-                                          self.cfg.noise_std, self.prof))
+                                          self.cfg.noise_std, self.windows))
         self.optimizers[k] = self._new_optimizer(nn.ModuleList([self.blocks[k], self.heads[k]]))
 
     def _begin_block(self, b: int, ckpt: Optional[dict] = None) -> None:
@@ -512,7 +527,7 @@ class Trainer:
 
     def train_step(self, x1: torch.Tensor, x2: torch.Tensor, lr: float, b: int = 0) -> torch.Tensor:
         """One optimisation step; returns the step's losses (one per trained block) on the device."""
-        prof = self.prof
+        prof = self.windows
         with prof.window("step"):
             if self.cfg.mode == "e2e":
                 self._mem_begin()
@@ -593,7 +608,7 @@ class Trainer:
             with self._autocast():
                 f1, z1 = module(x1)
                 loss = self.loss_fn(z1, z2)
-            with self.prof.window(backward_window):
+            with self.windows.window(backward_window):
                 (loss * factor).backward()  # frees view 1's graph
         del z2
         after_view1 = None
@@ -603,7 +618,7 @@ class Trainer:
         with self._autocast():
             f2, z2 = module(x2)
             loss2 = self.loss_fn(z1.detach(), z2)
-        with self.prof.window(backward_window):
+        with self.windows.window(backward_window):
             (loss2 * factor).backward()  # frees view 2's graph
         if after_view1 is not None:
             self._device_rng(after_view1)

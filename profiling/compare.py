@@ -50,13 +50,15 @@ def trainer_command(mode: str, *, run_dir: str, arch: str, image_size: int, batc
                     steps: int, warmup: int, fused: bool, projector: Optional[str] = None,
                     device: Optional[str] = None, seed: int = 0,
                     extra: Sequence[str] = (), python: str = sys.executable,
-                    profile: bool = True) -> List[str]:
+                    profile: bool = True, phases: bool = False) -> List[str]:
     """The ``python -m blockwise.train`` command line of one measured run.
 
     e2e / simultaneous: ``warmup + steps`` optimisation steps (``--max-steps``); sequential:
     ``warmup + steps`` per block (``--steps-per-block``); the first ``warmup`` (per block) are
     outside the measured part (``--profile-warmup``). The synthetic set holds exactly one
-    epoch of those steps.
+    epoch of those steps. ``phases``: ``--profile-phases`` (time every block and phase window,
+    one device sync per window boundary; off: only the step is timed, the block and phase
+    windows record peak memory without a sync).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -70,7 +72,8 @@ def trainer_command(mode: str, *, run_dir: str, arch: str, image_size: int, batc
            "--synthetic-size", str(batch_size * total), "--probe-epochs", "0",
            "--out", run_dir, "--seed", str(seed), "--fused" if fused else "--no-fused"]
     if profile:
-        cmd += ["--profile", "--profile-warmup", str(warmup)]
+        cmd += ["--profile", "--profile-warmup", str(warmup),
+                "--profile-phases" if phases else "--no-profile-phases"]
     if projector:
         cmd += ["--projector", projector]
     if device:
@@ -152,6 +155,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: the trainer's)")
     p.add_argument("--fused", nargs="?", const="on", default="off", choices=FUSED_CHOICES,
                    help="fused Triton kernels: off, on (--fused alone), or both (each mode twice)")
+    p.add_argument("--phases", action="store_true",
+                   help="time every block and phase (forward, head, backward, optimizer) with "
+                        "--profile-phases: one device sync per window boundary, which lowers "
+                        "the measured throughput; default: only the step is timed, block and "
+                        "phase windows give peak memory alone")
     p.add_argument("--device", default=None, help="cuda or cpu (default: the trainer's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer run")
@@ -173,7 +181,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         cmd = trainer_command(mode, run_dir=run_dir, arch=args.arch, image_size=args.image_size,
                               batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                               fused=fused, projector=args.projector, device=args.device,
-                              seed=args.seed, extra=extra, python=args.python)
+                              seed=args.seed, extra=extra, python=args.python,
+                              phases=getattr(args, "phases", False))
         print(f"[{i}/{len(jobs)}] {label}: {' '.join(shlex.quote(c) for c in cmd[1:])}",
               flush=True)
         res = run_trainer(cmd, run_dir, os.path.join(out, "runs", name + ".log"), args.timeout,

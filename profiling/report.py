@@ -34,6 +34,28 @@ BASELINE_MODE = "e2e"
 PLOTS = ("peak_memory.png", "throughput.png", "energy_per_image.png", "power_trace.png")
 PHASES = ("forward", "head", "backward", "optimizer")
 _BLOCK = re.compile(r"^block(\d+)$")
+NOT_TIMED = ("not timed: per-phase timing was off, so this window recorded peak memory only, "
+             "without a device sync (time and energy per block and phase: compare --phases, "
+             "trainer --profile-phases)")
+TIMING_ON = "per-phase timing on: throughput includes one device sync per window"
+TIMING_OFF = ("per-phase timing off: only the step is timed (one device sync at each end of a "
+              "step); block and phase windows give peak memory only")
+
+
+def _timed(w: dict) -> bool:
+    """Whether an aggregated window has time and energy (memory-only windows do not)."""
+    return w.get("timed", True) is not False and w.get("time_s_total") is not None
+
+
+def timing_label(profile: Optional[dict]) -> Optional[str]:
+    """Which kind of run a profile is: per-phase timing on or off (None: no profile)."""
+    if not profile:
+        return None
+    meta = profile.get("meta") or {}
+    if "profile_phases" in meta:
+        return TIMING_ON if meta["profile_phases"] else TIMING_OFF
+    windows = profile.get("windows") or {}
+    return TIMING_ON if windows and all(_timed(w) for w in windows.values()) else TIMING_OFF
 
 
 @dataclass
@@ -110,7 +132,8 @@ def _short(reason: Optional[str]) -> str:
                           ("no rapl", "no RAPL"), ("run failed", "run failed"),
                           ("out of memory", "OOM"), ("no e2e", "no e2e run"),
                           ("not requested", "not requested"),
-                          ("segments", "no per-block segments")):
+                          ("segments", "no per-block segments"),
+                          ("not timed", "not timed")):
         if needle in r:
             return short
     return reason if len(reason) <= 28 else reason[:25] + "..."
@@ -248,18 +271,21 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         for name in sorted((n for n in windows if _BLOCK.match(n)),
                            key=lambda n: int(_BLOCK.match(n).group(1))):
             w = windows[name]
-            energy, source = _window_energy(w, run.get("energy_method"))
+            timed = _timed(w)
+            energy, source = _window_energy(w, run.get("energy_method")) if timed else (None, None)
             per_block.append({
                 "block": name, "source": f"'{name}' windows",
                 "peak_allocated_gib": w.get("peak_allocated_gib"),
                 "peak_reserved_gib": w.get("peak_reserved_gib"),
-                "time_per_image_ms": None if _div(w.get("time_s_total"), images) is None
-                else 1000.0 * _div(w.get("time_s_total"), images),
+                "time_per_image_ms": None if not timed or _div(w.get("time_s_total"), images)
+                is None else 1000.0 * _div(w.get("time_s_total"), images),
+                "time_unavailable": None if timed else NOT_TIMED,
                 "energy_per_image_j": _div(energy, images),
                 "energy_source": source,
                 "images": images, "short": None, "windows": w.get("count"),
                 "short_windows": w.get("short_windows"),
-                "energy_unavailable": e_reason if w.get("energy_j") is None else None})
+                "energy_unavailable": (NOT_TIMED if not timed else
+                                       e_reason if w.get("energy_j") is None else None)})
     reasons: Dict[str, str] = {}
     for k in keys:
         if met.get(k) is not None:
@@ -275,6 +301,17 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         else:
             reasons[k] = "nothing measured" if not run.get("images") else "not measured"
     return met, reasons, per_block, basis
+
+
+def phase_reasons(r: RunResult) -> Dict[str, str]:
+    """Why a phase time is n/a: its windows were memory-only, or there are none."""
+    windows = (r.profile or {}).get("windows") or {}
+    out = {}
+    for phase in PHASES:
+        names = [n for n in windows if n == phase or re.match(rf"^block\d+/{phase}$", n)]
+        out[phase] = (NOT_TIMED if names and not all(_timed(windows[n]) for n in names)
+                      else "no such windows in this run")
+    return out
 
 
 def phase_times(r: RunResult, basis_blocks: int) -> Dict[str, Optional[float]]:
@@ -299,7 +336,7 @@ def phase_times(r: RunResult, basis_blocks: int) -> Dict[str, Optional[float]]:
         scale = float(len(segs))
     for phase in PHASES:
         names = [n for n in windows if n == phase or re.match(rf"^block\d+/{phase}$", n)]
-        if names:
+        if names and all(_timed(windows[n]) for n in names):
             total = sum(windows[n]["time_s_total"] for n in names)
             out[phase] = 1000.0 * total * scale / images
     return out
@@ -407,6 +444,7 @@ def _header(runs: Sequence[RunResult]) -> dict:
                       if e.get(k) != env.get(k)})
     settings_keys = ("arch", "image_size", "batch_size", "projector", "fused", "expander", "pool",
                      "precision", "channels_last", "optimizer", "workers", "profile_warmup",
+                     "profile_phases",
                      "max_steps", "steps_per_block", "dataset", "device", "small_stem",
                      "synthetic_augment", "world_size")
     settings: Dict[str, Any] = {}
@@ -424,6 +462,11 @@ def _header(runs: Sequence[RunResult]) -> dict:
         else:
             varying[k] = uniq
     m0 = meters[0] if meters else {}
+    timings = []
+    for r in runs:
+        t = timing_label(r.profile)
+        if t is not None and t not in timings:
+            timings.append(t)
     gpu = env.get("gpu") or ", ".join(g.get("name", "?") for g in env.get("nvml_gpus") or []) \
         or None
     return {
@@ -433,6 +476,10 @@ def _header(runs: Sequence[RunResult]) -> dict:
         "gpu_memory_gib": env.get("gpu_memory_gib"),
         "environment_differs": differs,
         "settings": settings, "settings_per_run": varying,
+        "timing": timings[0] if len(timings) == 1 else (
+            "; ".join(f"{r.label}: {timing_label(r.profile)}" for r in runs if r.profile)
+            if timings else None),
+        "timing_mixed": len(timings) > 1,
         "energy_method": m0.get("method"), "power_source": m0.get("power_source"),
         "sample_interval_s": m0.get("sample_interval_s"),
     }
@@ -463,6 +510,8 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
                         "wall_s": r.wall_s, "command": r.command, "metrics": met,
                         "na": reasons, "per_block": per_block, "per_image_basis": basis,
                         "phases_ms_per_image": phase_times(r, len(per_block)),
+                        "phases_na": phase_reasons(r),
+                        "timing": timing_label(r.profile),
                         "windows": (r.profile or {}).get("windows") or {}})
     base_entry = next((e for e, r in zip(entries, runs) if r is base), None)
     base_met = base_entry["metrics"] if base_entry else {}
@@ -483,6 +532,8 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     for e in entries:
         for b in e["per_block"]:
             reasons = {k: (b.get("energy_unavailable") if k == "energy_per_image_j" else
+                           b.get("time_unavailable") if k == "time_per_image_ms" and
+                           b.get("time_unavailable") else
                            e["na"].get(k.replace("time_per_image_ms", "time_s")))
                        for k, *_ in BLOCK_COLUMNS}
             block_rows.append((f"{e['label']} {b['block']}", b, reasons))
@@ -490,8 +541,7 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
         "Per block (ratio to the whole e2e step)", BLOCK_COLUMNS, block_rows, base_met,
         base_reason or "no e2e run", "x e2e step")
     phase_cols = [(p, f"{p} (ms/img)", "{:.3f}", True) for p in PHASES]
-    phase_rows = [(label_of(e), e["phases_ms_per_image"],
-                   {p: "no such windows in this run" for p in PHASES}) for e in entries]
+    phase_rows = [(label_of(e), e["phases_ms_per_image"], e["phases_na"]) for e in entries]
     tables["phases"] = _build_table(
         "Time per phase, summed over blocks", phase_cols, phase_rows,
         base_entry["phases_ms_per_image"] if base_entry else {}, base_reason or "no e2e run",
@@ -525,8 +575,12 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "samples); GPU only, the CPU (RAPL) column is separate. Windows shorter than the "
         "counter's ~100 ms update are flagged as short; per-window energies of short windows are "
         "estimates (their sum over many windows is unbiased).",
-        "Every window boundary synchronizes the device, so instrumented throughput can be a few "
-        "percent below an uninstrumented run.",
+        "Timed windows synchronize the device at both ends. Per-phase timing off (the default): "
+        "only the step window is timed, so throughput carries one sync per step; block and "
+        "phase windows record peak memory only (no sync; their time and energy are n/a, never "
+        "0). Per-phase timing on (--phases): every block and phase window is timed too, which "
+        "lowers throughput (by 28-35 % for ResNet-50 on an H100 with a slow host); compare "
+        "throughput only between runs of the same kind.",
         "Sequential mode trains one block per step (block k's step also runs the frozen blocks "
         "1..k-1 forward). Its per-image time and energy are reported per block and as 'all 4 "
         "blocks, one pass each' = sum over blocks of (block k's measured time or energy) / "
@@ -558,6 +612,11 @@ def render_markdown(rep: dict) -> str:
         out.append("")
         out.append("**Varies per run** " + "; ".join(
             f"{k}: {', '.join(map(str, v))}" for k, v in h["settings_per_run"].items()) + ".")
+    if h.get("timing"):
+        out.append("")
+        out.append(f"**Timing** {h['timing']}." + (
+            " **Warning**: the runs differ in per-phase timing; their throughputs are not "
+            "comparable." if h.get("timing_mixed") else ""))
     method = h.get("energy_method") or "not measured"
     power = h.get("power_source")
     interval = h.get("sample_interval_s")
@@ -611,17 +670,26 @@ def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
     e_reason = r["na"].get("energy_per_image_j") or "GPU energy not measured"
     m_reason = r["na"].get("peak_allocated_gib") or "memory not measured"
     for name, w in sorted(r["windows"].items(), key=lambda kv: (kv[0] != "step", kv[0])):
-        ratio = _ratio(w.get("time_s_mean"), (base_w.get(name) or {}).get("time_s_mean"))
-        cells = [name, str(w["count"]), f"{1000 * w['time_s_mean']:.2f}",
-                 f"{ratio:.2f}x" if ratio is not None else "n/a (no such e2e window)",
-                 f"{w['time_s_total']:.3f}"]
-        energy, source = _window_energy(w, r["metrics"].get("energy_method"))
+        timed = _timed(w)
+        if timed:
+            ratio = _ratio(w.get("time_s_mean"), (base_w.get(name) or {}).get("time_s_mean"))
+            cells = [name, str(w["count"]), f"{1000 * w['time_s_mean']:.2f}",
+                     f"{ratio:.2f}x" if ratio is not None else (
+                         "n/a (no such e2e window)" if name not in base_w else
+                         "n/a (not timed in e2e)"),
+                     f"{w['time_s_total']:.3f}"]
+            energy, source = _window_energy(w, r["metrics"].get("energy_method"))
+        else:
+            if NOT_TIMED not in footnotes:
+                footnotes.append(NOT_TIMED)
+            cells = [name, str(w["count"])] + ["n/a (not timed)"] * 3
+            energy, source = None, None
         e_fmt = "{:.2f}"
         if source and source.startswith("power samples"):
             e_fmt = "{:.2f} (sampled)"
         elif source and "estimate" in source:
             e_fmt = "~{:.2f}"
-        for v, reason, fmt in ((energy, e_reason, e_fmt),
+        for v, reason, fmt in ((energy, e_reason if timed else NOT_TIMED, e_fmt),
                                (w.get("peak_allocated_gib"), m_reason, "{:.2f}")):
             if v is None:
                 if reason not in footnotes:
@@ -629,7 +697,7 @@ def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
                 cells.append(f"n/a ({_short(reason)})")
             else:
                 cells.append(fmt.format(v))
-        cells.append(f"{w.get('short_windows', 0)}/{w['count']}")
+        cells.append(f"{w.get('short_windows', 0)}/{w['count']}" if timed else "n/a (not timed)")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "Energy of window names most of whose windows are shorter than the "
                     "counter's update: '(sampled)' = power-sample integral, '~' = counter sum "

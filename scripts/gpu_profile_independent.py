@@ -5,7 +5,10 @@ own training step (``Trainer.train_step``: the same model, heads, optimizers and
 plain loop, with instruments the profiling package does not use:
 
 - time: CUDA events around N steps after W warm-up steps (no per-window synchronize);
-- peak memory: ``torch.cuda.reset_peak_memory_stats`` after warm-up, ``max_memory_allocated``;
+- peak memory: ``torch.cuda.reset_peak_memory_stats`` after warm-up, then the maximum of
+  ``max_memory_allocated`` and the trainer's own per-block peaks (``Trainer.peaks``): without
+  --profile the trainer resets PyTorch's peak counter per block (simultaneous mode), so
+  ``max_memory_allocated`` after the loop alone would see only the last block's peak;
 - energy: nvidia-smi power samples from a separate process, integrated over the timed interval.
 
 The batch is random data already on the GPU (the compare runs read synthetic data through the
@@ -56,6 +59,7 @@ def measure_block(trainer: Trainer, b: int, x1, x2, warmup: int, steps: int,
         trainer.train_step(x1, x2, lr, b)
     torch.cuda.synchronize(dev)
     torch.cuda.reset_peak_memory_stats(dev)
+    trainer.peaks.clear()  # the trainer's per-block peaks of the measured steps only
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t_wall0 = time.time()
     start.record()
@@ -65,10 +69,14 @@ def measure_block(trainer: Trainer, b: int, x1, x2, warmup: int, steps: int,
     stop.synchronize()
     t_wall1 = time.time()
     seconds = start.elapsed_time(stop) / 1000.0
+    # the trainer resets the peak counter at each block's start (simultaneous: 4 per step), so
+    # max_memory_allocated() now holds the last block's peak only: take the max with its peaks
+    peaks = dict(trainer.peaks)
+    peak = max([torch.cuda.max_memory_allocated(dev) / GIB] + list(peaks.values()))
     time.sleep(0.3)  # let nvidia-smi report past the end
     return {"block": b + 1, "time_s": seconds, "images": steps * trainer.cfg.batch_size,
             "wall_s": t_wall1 - t_wall0,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(dev) / GIB,
+            "peak_allocated_gib": peak, "trainer_peaks_gib": peaks,
             "energy_j": smi.energy_j(t_wall0, t_wall1)}
 
 

@@ -233,3 +233,69 @@ def test_segment_label_is_the_trained_block():
     labels = [s["label"] for s in prof.summary({})["run"]["segments"]]
     prof.close()
     assert labels == ["block1", "block2", "block3", None, "mine"]
+
+
+def test_memory_only_window_does_not_sync_and_records_memory(monkeypatch):
+    """timed=False: no device sync at either end, peak memory exact, time/energy null (not 0)."""
+    clock = FakeClock()
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)
+    mem = FakeCudaMemory()
+    energy = EnergyMeter(clock=clock, sample_interval_s=None, cpu=False, sync=False)
+    prof = Profiler("cpu", energy_meter=energy,
+                    memory_meter=MemoryMeter("cuda", backend=mem, nvml=False))
+    syncs = []
+    monkeypatch.setattr(prof, "_sync", lambda: syncs.append(len(prof._stack)))
+    energy_calls = []
+    for meth in ("begin", "end"):
+        orig = getattr(energy, meth)
+        monkeypatch.setattr(energy, meth, lambda name, _o=orig, _m=meth:
+                            (energy_calls.append((_m, name)), _o(name))[1])
+    with prof.measure():
+        assert len(syncs) == 1  # the measured segment is timed
+        for _ in range(3):
+            with prof.window("step"):
+                n = len(syncs)
+                with prof.window("block1", timed=False):
+                    with prof.window("block1/forward", timed=False):
+                        mem.malloc(200 * MIB)
+                        clock.advance(0.1)
+                    mem.free(200 * MIB)
+                    mem.malloc(50 * MIB)
+                    mem.free(50 * MIB)
+                assert len(syncs) == n, "a memory-only window synchronized the device"
+            prof.add_images(8)
+    assert len(syncs) == 2 + 3 * 2  # measure() and the step windows only
+    assert {name for _, name in energy_calls} == {"<measure>", "step"}
+    p = prof.summary()
+    prof.close()
+    check_schema(p)
+    w = p["windows"]
+    for name in ("block1", "block1/forward"):
+        assert w[name]["count"] == 3 and w[name]["timed"] is False
+        assert w[name]["untimed_windows"] == 3
+        for key in ("time_s_total", "time_s_mean", "energy_j", "mean_power_w",
+                    "sampled_energy_j"):
+            assert w[name][key] is None, (name, key)
+        assert w[name]["peak_allocated_gib"] * GIB == 200 * MIB
+    assert w["block1/forward"]["depth"] == w["block1"]["depth"] + 1 == w["step"]["depth"] + 2
+    assert w["step"]["timed"] is True and w["step"]["time_s_total"] == pytest.approx(0.3)
+    assert w["step"]["energy_j"] == pytest.approx(0.3 * 250.0, abs=25.0)
+    assert w["step"]["peak_allocated_gib"] * GIB == 200 * MIB
+    assert p["run"]["time_s"] == pytest.approx(0.3)
+    with pytest.raises(TypeError, match="timed must be True or False"):
+        prof.begin("x", timed="no")
+
+
+def test_memory_only_window_on_cpu_has_no_time_and_no_memory(tmp_path):
+    prof = Profiler("cpu")
+    with prof.measure():
+        with prof.window("step"):
+            with prof.window("block1", timed=False):
+                time.sleep(0.002)
+    p = json.load(open(prof.save(str(tmp_path / "profile.json"))))
+    prof.close()
+    b = p["windows"]["block1"]
+    assert b["count"] == 1 and b["timed"] is False
+    assert b["time_s_total"] is None and b["energy_j"] is None
+    assert b["peak_allocated_gib"] is None  # CPU: unavailable, never 0
+    assert p["windows"]["step"]["time_s_total"] >= 0.002

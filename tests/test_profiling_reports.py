@@ -190,6 +190,10 @@ def test_trainer_command():
     with pytest.raises(ValueError, match="--steps must be an integer >= 1"):
         trainer_command("e2e", run_dir="/r", arch="a", image_size=32, batch_size=8, steps=0,
                         warmup=0, fused=False)
+    assert "--no-profile-phases" in e2e.split() and "--profile-phases" not in e2e.split()
+    ph = trainer_command("e2e", run_dir="/r", arch="resnet50", image_size=224, batch_size=256,
+                         steps=20, warmup=5, fused=True, phases=True)
+    assert "--profile-phases" in ph and "--no-profile-phases" not in ph
     assert parse_modes("e2e, sequential") == ["e2e", "sequential"]
     with pytest.raises(ValueError, match="unknown"):
         parse_modes("e2e,bogus")
@@ -423,3 +427,44 @@ def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
     assert _png_ok(str(out / "memory_vs_batch.png"))
     log = open(out / "probes" / "e2e-b512.log").read()
     assert "--workers 0" in log and "--max-steps 2" in log  # pass-through, 2 steps per probe
+
+
+def _untime(profile: dict) -> dict:
+    """As a run without --profile-phases writes it: only "step" timed, the rest memory-only."""
+    profile["meta"]["profile_phases"] = False
+    for name, w in profile["windows"].items():
+        if name != "step":
+            w.update(timed=False, time_s_total=None, time_s_mean=None, energy_j=None,
+                     sampled_energy_j=None, mean_power_w=None, short_windows=0)
+    return profile
+
+
+def test_untimed_windows_are_na_not_timed(monkeypatch, tmp_path):
+    runs = _runs(monkeypatch, tmp_path, modes=("e2e", "simultaneous"))
+    for r in runs:
+        _untime(r.profile)
+    rep = write_report(runs, str(tmp_path / "rep"), command="test")
+    md = open(tmp_path / "rep" / "report.md").read()
+    assert "per-phase timing off" in md and "per-phase timing on" not in md.split("## Summary")[0]
+    sim = next(r for r in rep["runs"] if r["mode"] == "simultaneous")
+    assert sim["timing"].startswith("per-phase timing off")
+    assert sim["metrics"]["throughput_img_s"] > 0  # the step is still timed
+    for b in sim["per_block"]:
+        assert b["peak_allocated_gib"] > 0  # memory still measured
+        assert b["time_per_image_ms"] is None and b["energy_per_image_j"] is None
+    assert all(v is None for v in sim["phases_ms_per_image"].values())
+    assert "n/a (not timed)" in md
+    for line in md.splitlines():  # no window row shows a time or energy of 0
+        if line.startswith("| block1/forward |"):
+            assert "n/a (not timed)" in line and " 0.00 " not in line
+    check_ratios(rep)
+
+
+def test_timing_on_is_labelled(monkeypatch, tmp_path):
+    runs = _runs(monkeypatch, tmp_path, modes=("e2e",), meta_extra={"profile_phases": True})
+    rep = write_report(runs, str(tmp_path / "rep"), command="test")
+    assert rep["header"]["timing"] == ("per-phase timing on: throughput includes one device "
+                                       "sync per window")
+    md = open(tmp_path / "rep" / "report.md").read()
+    assert "per-phase timing on: throughput includes one device sync per window" in md
+    assert "n/a (not timed)" not in md

@@ -81,6 +81,28 @@ def test_profile_writes_the_windows_of_the_interface(tmp_path, mode, capsys):
         assert prof["windows"]["block1/backward"]["count"] == 2
         assert prof["windows"]["block1/forward"]["count"] == 2 + 3 * 2  # + frozen prefix runs
     assert not (tmp_path / "checkpoint.pt").exists()  # --profile: no checkpoint by default
+    # default (no --profile-phases): only the step is timed; the other windows memory-only
+    assert meta["profile_phases"] is False
+    assert prof["windows"]["step"]["timed"] is True
+    assert prof["windows"]["step"]["time_s_total"] > 0
+    for name in windows - {"step"}:
+        w = prof["windows"][name]
+        assert w["timed"] is False and w["count"] > 0, name
+        assert w["time_s_total"] is None and w["energy_j"] is None, name
+        if torch.cuda.is_available():
+            assert w["peak_allocated_gib"] > 0, name
+
+
+def test_profile_phases_times_every_window(tmp_path, capsys):
+    code, out, err = run_main(TINY + ["--mode", "simultaneous", "--profile", "--profile-phases",
+                                      "--profile-warmup", "1", "--probe-epochs", "0",
+                                      "--max-steps", "2", "--out", tmp_path], capsys)
+    assert code == 0, err
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert prof["meta"]["profile_phases"] is True
+    assert len(prof["windows"]) == 21
+    for name, w in prof["windows"].items():
+        assert w["timed"] is True and w["time_s_total"] > 0, name
 
 
 BAD = [

@@ -717,6 +717,8 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
+    # leave room for the two-line suptitle above the axes' own titles
+    fig.tight_layout(rect=(0, 0, 1, 0.90))
     _io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130,
                                                    bbox_inches="tight"), suffix=".png")
 

@@ -46,7 +46,7 @@ guard learning 190 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" "$WORK/l
 guard bt_bench 75 python -m pytest -q -p no:cacheprovider tests/benchmarks/test_bench_barlow_twins.py \
     --benchmark-only -k "not fused_cross" --benchmark-columns=median,iqr,rounds \
     --benchmark-json "$OUT/bt_bench.json"
-guard energy 45 python scripts/gpu_profile_energy.py --out "$WORK/energy"
+guard energy 60 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads
 guard compare_store 150 "${COMPARE[@]}" --out "$WORK/compare_store" -- --no-expander-recompute
 if [ -f "$WORK/compare_default/report.json" ]; then
     guard independent 90 python scripts/gpu_profile_independent.py \

@@ -14,6 +14,31 @@ import torch
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_compat() -> None:
+    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
+    ``int(array)`` on a 1-element array, which numpy 2 rejects ("only 0-dimensional arrays can be
+    converted"), so any ``range(0, N, ...)`` over a runtime bound fails; Triton 3.8 squeezes first.
+    Apply the 3.8 behaviour (interpreter only; a no-op where it is already fixed).
+
+    Applied here, when the package is imported, so that every kernel module gets it (every one
+    imports this module before it launches anything)."""
+    from triton.runtime import interpreter as itp
+    orig = getattr(itp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_squeezes_index", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._squeezes_index = True
+    itp._patch_lang_tensor = patched
+
+
+if INTERPRETER:
+    _interpreter_compat()
+
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 

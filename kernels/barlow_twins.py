@@ -133,28 +133,6 @@ _OP = "barlow_twins_loss"
 METHODS = ("auto", "gram", "cross")
 
 
-def _interpreter_compat() -> None:
-    """Triton 3.6's interpreter turns a scalar kernel argument into a Python int with
-    ``int(array)`` on a 1-element array, which numpy 2 rejects ("only 0-dimensional arrays can be
-    converted"), so any ``range(0, N, ...)`` over a runtime bound fails; Triton 3.8 squeezes first.
-    Apply the 3.8 behaviour (interpreter only; a no-op where it is already fixed)."""
-    from triton.runtime import interpreter as itp
-    orig = getattr(itp, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_squeezes_index", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched._squeezes_index = True
-    itp._patch_lang_tensor = patched
-
-
-if INTERPRETER:
-    _interpreter_compat()
-
-
 def _off_diagonal(c: torch.Tensor) -> torch.Tensor:
     """The D*(D-1) off-diagonal entries of a square matrix, as in the official code."""
     d = c.shape[0]

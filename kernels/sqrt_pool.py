@@ -6,6 +6,12 @@ Backward: dx[n, c, h, w] = sum_{windows w containing (h, w)} dy_w * x[n, c, h, w
 
 Padding adds zeros. With eps = 0 and padding = 0 this equals ``F.lp_pool2d(x, 2, k, s)``.
 
+Non-finite inputs (documented behaviour, the same in the kernels and ``sqrt_pool2d_ref``; nothing
+raises): every window holding a NaN gives y = NaN and one holding an inf (and no NaN) y = inf.
+In the backward such a window passes no gradient to its other, finite inputs (NaN: the
+``y > 0`` guard is false; inf: dy / y = 0), and the non-finite input itself gets a NaN gradient.
+Check ``torch.isfinite`` on the output or the loss as for any op.
+
 Design
 ------
 The op is a pure memory-bound stencil, so the kernels are built around moving each byte once:
@@ -83,8 +89,11 @@ def sqrt_pool2d_ref(x: torch.Tensor, kernel_size=None, stride=None, padding=0, e
     sq = F.avg_pool2d(acc * acc, k, s, p, ceil_mode=ceil_mode, count_include_pad=True,
                       divisor_override=1) + eps
     pos = sq > 0
-    # where() on both sides keeps d sqrt / d sq finite: all-zero windows get gradient 0
-    y = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), torch.zeros_like(sq))
+    # where() on both sides keeps d sqrt / d sq finite: all-zero windows get gradient 0. sq is
+    # >= 0 or NaN, so where it is not positive it is 0 (all-zero window) or NaN (a NaN in the
+    # window): passing it through (detached: gradient 0, as in the kernel) keeps y = 0 for the
+    # former and propagates the NaN for the latter instead of hiding it as 0.
+    y = torch.where(pos, torch.sqrt(torch.where(pos, sq, torch.ones_like(sq))), sq.detach())
     return y.to(x.dtype)
 
 
@@ -943,7 +952,8 @@ def sqrt_pool2d(x: torch.Tensor, kernel_size=None, stride=None, padding=0, eps: 
     zeros, at most half the window. ``kernel_size=None`` pools the whole map (N x C x 1 x 1).
     fp32/bf16/fp16/fp64, NCHW or channels_last (the output keeps the input's format).
     Equals ``F.lp_pool2d(x, 2, kernel_size, stride)`` when eps = 0 and padding = 0, except that
-    an all-zero window gets gradient 0 instead of NaN.
+    an all-zero window gets gradient 0 instead of NaN. A NaN (inf) input makes every output
+    whose window holds it NaN (inf) and its own gradient NaN; nothing raises (module docstring).
     """
     prm = _check_params(kernel_size, stride, padding, eps, ceil_mode)
     _check_input(x)

@@ -3,7 +3,14 @@
 Runs on CUDA when present, otherwise on CPU under Triton's interpreter (shapes kept small).
 """
 import math
+import os
+import subprocess
+import sys
+import types
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,6 +179,36 @@ def test_all_zero_input(device):
     y.backward(torch.ones_like(y))
     assert torch.equal(y, torch.zeros_like(y))
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy under the interpreter: inf * 0
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kw", [dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=2),
+                                dict(kernel_size=None)], ids=["k3s2p1", "k2", "global"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_non_finite_input(bad, kw, layout, device):
+    """Documented behaviour (module docstring): a window holding a NaN (inf) gives NaN (inf),
+    the other windows are unaffected, the non-finite input gets a NaN gradient and its window
+    passes no gradient to its finite inputs; kernel and reference agree; nothing raises."""
+    x = torch.randn(2, 3, 9, 8, device=device)
+    x[1, 2, 4, 3] = bad
+    x = x.contiguous(memory_format=FORMAT[layout])
+    y, dx, dy = _value_and_grad(sqrt_pool2d, x, **kw)
+    y_ref, dx_ref = _ref64(x, dy, **kw)
+    y, dx, x = y.cpu(), dx.cpu(), x.cpu()
+    # the windows that hold the bad element, from pooling its indicator
+    hit = sqrt_pool2d_ref((~torch.isfinite(x)).double(), **kw) > 0
+    assert hit.any() and not hit.all()
+    assert (torch.isnan(y[hit]) if math.isnan(bad) else torch.isposinf(y[hit])).all()
+    assert torch.isfinite(y[~hit]).all()
+    # the reference has the same non-finite outputs (it does not hide a NaN window as 0)
+    assert torch.equal(torch.isnan(y_ref), torch.isnan(y))
+    assert torch.equal(torch.isinf(y_ref), torch.isinf(y))
+    _assert_fp32_close(y[~hit], y_ref[~hit], "y (finite windows)")
+    finite = torch.isfinite(x)
+    assert torch.isnan(dx[~finite]).all() and torch.isnan(dx_ref[~finite]).all()
+    assert torch.isfinite(dx[finite]).all()
+    _assert_fp32_close(dx[finite], dx_ref[finite], "dx (finite inputs)")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -349,6 +386,64 @@ def test_cpu_tensor_without_interpreter(monkeypatch):
     monkeypatch.setattr(_runtime, "INTERPRETER", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         sqrt_pool2d(torch.randn(1, 2, 4, 4), 2)
+
+
+def _run_without_interpreter(code: str) -> str:
+    """stdout of ``code`` in a fresh process with neither TRITON_INTERPRET nor a visible GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_cpu_tensor_without_interpreter_in_a_fresh_process():
+    """The real case rather than a patched flag: ``import kernels`` works on a CPU-only machine
+    without TRITON_INTERPRET, the kernel raises the ValueError naming the options, the reference
+    still runs."""
+    out = _run_without_interpreter(
+        "import torch, kernels\n"
+        "x = torch.randn(1, 2, 4, 4)\n"
+        "for f in (kernels.sqrt_pool2d, kernels.SqrtPool2d(2)):\n"
+        "    try:\n"
+        "        f(x, 2) if f is kernels.sqrt_pool2d else f(x)\n"
+        "    except ValueError as e:\n"
+        "        print('ValueError:', e)\n"
+        "print('ref', tuple(kernels.sqrt_pool2d_ref(x, 2).shape))\n")
+    assert out.count("ValueError: sqrt_pool2d: got a CPU tensor") == 2, out
+    assert "TRITON_INTERPRET=1" in out and "sqrt_pool2d_ref" in out, out
+    assert "ref (1, 2, 2, 2)" in out, out
+
+
+def test_interpreter_shim_squeezes_scalar_arguments(monkeypatch):
+    """kernels._runtime applies Triton 3.8's ``__index__`` (squeeze, then int) to Triton 3.6's
+    interpreter, whose ``int(array)`` on a 1-element array numpy 2 rejects: without it a
+    ``range`` over a runtime bound (the global pooling kernel's loop) fails under 3.6."""
+    itp = pytest.importorskip("triton.runtime.interpreter")
+    if _runtime.INTERPRETER:  # applied at import, for every kernel module
+        assert getattr(itp._patch_lang_tensor, "_squeezes_index", False)
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    def patch_3_6(tensor, scope):  # what Triton 3.6 installs
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    monkeypatch.setattr(itp, "_patch_lang_tensor", patch_3_6)
+    _runtime._interpreter_compat()
+    patched = itp._patch_lang_tensor
+    assert patched is not patch_3_6 and patched._squeezes_index
+    _runtime._interpreter_compat()  # idempotent: no second wrapper
+    assert itp._patch_lang_tensor is patched
+    Tensor = type("Tensor", (), {})
+    patched(Tensor, Scope())
+    t = Tensor()
+    t.handle = types.SimpleNamespace(data=np.array([7], dtype=np.int32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's deprecation of int() on a 1-element array
+        assert list(range(0, t, 3)) == [0, 3, 6]  # range() calls __index__
 
 
 def test_backward_launcher_checks(device):

@@ -100,8 +100,15 @@ def load_profile(path: str) -> dict:
 def load_run_dir(run_dir: str, label: Optional[str] = None) -> RunResult:
     """A run directory written by ``python -m blockwise.train --profile``."""
     path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, "profile.json")
+    if not os.path.exists(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no profile.json in {run_dir} (was the run made with --profile?)")
+        hint = "was the run made with --profile?"
+        runs_dir = os.path.join(run_dir, "runs")
+        if os.path.isdir(runs_dir):  # a compare output: its run directories sit under runs/
+            hint = (f"this looks like a compare output; its runs are "
+                    f"{', '.join(sorted(os.listdir(runs_dir))) or 'none'} under {runs_dir}")
+        raise FileNotFoundError(f"no profile.json in {run_dir} ({hint})")
     profile = load_profile(path)
     meta = profile["meta"]
     if label is None:

@@ -159,8 +159,17 @@ def test_report_cli(monkeypatch, tmp_path, capsys):
     assert rep["command"].startswith("python -m profiling report")
     assert cli.main(["report", runs[0].run_dir]) == 0  # one dir: report goes into it
     assert os.path.isfile(os.path.join(runs[0].run_dir, "report.md"))
+    capsys.readouterr()
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["report", str(empty)]) == 2
     assert "no profile.json" in capsys.readouterr().err
+    (tmp_path / "cmp" / "runs" / "e2e").mkdir(parents=True)  # a compare output, not a run dir
+    assert cli.main(["report", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "compare output" in err and "e2e" in err and "Traceback" not in err
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "profile.json").write_text('{"schema": "other"}')

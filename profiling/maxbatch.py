@@ -8,7 +8,8 @@ of a failed attempt (fragmented cache, half-freed graphs) leaks into the next on
 Search, per mode: from ``--start``, double while the batch fits (up to ``--max-batch``) or halve
 while it does not, then bisect between the largest fitting and the smallest failing batch, on
 multiples of ``--granularity``, until they are one granule apart or ``--max-probes`` is spent.
-The answer is an interval: largest batch seen to fit, smallest seen to fail.
+The answer is an interval: largest batch seen to fit, smallest seen to fail. It needs a CUDA
+device: on CPU (``--device cpu``, or no CUDA and no ``--device``) it stops with a clear error.
 """
 from __future__ import annotations
 
@@ -120,8 +121,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
 
 
+def _require_gpu(device: Optional[str]) -> None:
+    """maxbatch searches for a GPU out-of-memory limit: refuse a CPU run up front (on CPU there
+    is no device-memory limit to hit; probes would only double until host RAM runs out)."""
+    if device is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("maxbatch finds the largest batch that fits in GPU memory and needs "
+                             "a CUDA device; none is available here (run it on a GPU machine, "
+                             "or name one with --device cuda[:N])")
+    elif device.split(":")[0].lower() == "cpu":
+        raise ValueError(f"maxbatch needs a CUDA device, got --device {device}: on CPU there is "
+                         "no device-memory limit to find (use --device cuda[:N])")
+
+
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     modes = parse_modes(args.modes)
+    _require_gpu(args.device)
     out = os.path.abspath(args.out)
     probes_dir = os.path.join(out, "probes")
     os.makedirs(probes_dir, exist_ok=True)

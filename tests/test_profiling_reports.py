@@ -415,7 +415,8 @@ def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
     out = tmp_path / "mb"
     rc = cli.main(["maxbatch", "--modes", "e2e,sequential,simultaneous", "--start", "256",
                    "--granularity", "32", "--max-probes", "8", "--max-batch", "4096",
-                   "--python", str(fake), "--out", str(out), "--", "--workers", "0"])
+                   "--device", "cuda", "--python", str(fake), "--out", str(out),
+                   "--", "--workers", "0"])
     assert rc == 1  # simultaneous failed for another reason than OOM
     rep = json.load(open(out / "maxbatch.json"))
     by_mode = {m["mode"]: m for m in rep["modes"]}
@@ -436,6 +437,14 @@ def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
     assert _png_ok(str(out / "memory_vs_batch.png"))
     log = open(out / "probes" / "e2e-b512.log").read()
     assert "--workers 0" in log and "--max-steps 2" in log  # pass-through, 2 steps per probe
+
+
+def test_maxbatch_refuses_cpu(tmp_path, capsys):
+    rc = cli.main(["maxbatch", "--modes", "e2e", "--device", "cpu", "--out", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists()  # refused before any probe ran
 
 
 def _untime(profile: dict) -> dict:

@@ -1248,6 +1248,11 @@ def _validate(z1, z2, lambd, scale, eps, method) -> None:
         raise ValueError(f"{_OP}: batch statistics need N >= 2 rows, got N = {z1.shape[0]}")
     if z1.shape[1] < 1:
         raise ValueError(f"{_OP}: need D >= 1 features, got D = {z1.shape[1]}")
+    _check_hparams(lambd, scale, eps, method)
+    check_triton_device(_OP, z1, z2)
+
+
+def _check_hparams(lambd, scale, eps, method) -> None:
     if method not in METHODS:
         raise ValueError(f"{_OP}: unknown method {method!r}; valid: {', '.join(METHODS)}")
     for name, val in (("lambd", lambd), ("scale", scale), ("eps", eps)):
@@ -1255,7 +1260,6 @@ def _validate(z1, z2, lambd, scale, eps, method) -> None:
             raise TypeError(f"{_OP}: {name} must be a finite float, got {val!r}")
     if eps < 0:
         raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
-    check_triton_device(_OP, z1, z2)
 
 
 def _on_device(device: torch.device):
@@ -1324,8 +1328,7 @@ class BarlowTwinsLoss(nn.Module):
     def __init__(self, lambd: float = 0.0051, scale: float = 1.0, eps: float = 1e-5,
                  method: str = "auto", group=None):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"{_OP}: unknown method {method!r}; valid: {', '.join(METHODS)}")
+        _check_hparams(lambd, scale, eps, method)  # fail at construction, not at the first step
         self.lambd = lambd
         self.scale = scale
         self.eps = eps

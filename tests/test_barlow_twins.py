@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,6 +350,8 @@ def test_module_equals_function(device):
     assert torch.equal(lm.detach(), lf) and torch.equal(a.grad, f1) and torch.equal(b.grad, f2)
     assert list(mod.parameters()) == [] and "cross" in repr(mod)
     assert kernels.BarlowTwinsLoss is BarlowTwinsLoss and kernels.barlow_twins_loss is barlow_twins_loss
+    assert kernels.barlow_twins_loss_ref is barlow_twins_loss_ref
+    assert {"barlow_twins_loss", "BarlowTwinsLoss", "barlow_twins_loss_ref"} <= set(kernels.__all__)
 
 
 @pytest.mark.parametrize("method", ["gram", "cross"])
@@ -415,6 +421,10 @@ def test_bad_input_errors(monkeypatch, device):
         barlow_twins_loss(z, z, method="fast")
     with pytest.raises(ValueError, match="unknown method"):
         BarlowTwinsLoss(method="D2")
+    with pytest.raises(TypeError, match="scale must be a finite float"):
+        BarlowTwinsLoss(scale=float("inf"))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        BarlowTwinsLoss(eps=-1e-5)
     with pytest.raises(ValueError, match="eps"):
         barlow_twins_loss(z, z, eps=-1.0)
     with pytest.raises(TypeError, match="lambd"):
@@ -427,3 +437,27 @@ def test_bad_input_errors(monkeypatch, device):
     monkeypatch.setattr(runtime, "INTERPRETER", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         barlow_twins_loss(torch.randn(8, 5), torch.randn(8, 5))
+
+
+def test_cpu_tensor_without_interpreter_in_a_fresh_process():
+    """The real case rather than a patched flag: in a process with neither TRITON_INTERPRET nor a
+    visible GPU, ``import kernels`` works, the fused loss (function and module) raises the
+    ValueError naming the options, and the reference still runs."""
+    code = (
+        "import torch, kernels\n"
+        "z1, z2 = torch.randn(8, 5), torch.randn(8, 5)\n"
+        "for f in (kernels.barlow_twins_loss, kernels.BarlowTwinsLoss()):\n"
+        "    try:\n"
+        "        f(z1, z2)\n"
+        "    except ValueError as e:\n"
+        "        print('ValueError:', e)\n"
+        "print('ref finite', bool(torch.isfinite(kernels.barlow_twins_loss_ref(z1, z2))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert out.count("ValueError: barlow_twins_loss: got a CPU tensor") == 2, out
+    assert "TRITON_INTERPRET=1" in out and "barlow_twins_loss_ref" in out, out
+    assert "ref finite True" in out, out

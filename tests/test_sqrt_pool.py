@@ -316,6 +316,7 @@ def test_module_equals_function(device):
 
 def test_exported_from_kernels():
     assert kernels.sqrt_pool2d is sqrt_pool2d and kernels.SqrtPool2d is SqrtPool2d
+    assert kernels.sqrt_pool2d_ref is sqrt_pool2d_ref
     assert {"sqrt_pool2d", "SqrtPool2d", "sqrt_pool2d_ref"} <= set(kernels.__all__)
 
 

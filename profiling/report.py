@@ -356,15 +356,15 @@ SUMMARY_COLUMNS = [
     # key, header, format, ratio to e2e?
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
     ("peak_reserved_gib", "peak reserved (GiB)", "{:.2f}", True),
-    ("throughput_img_s", "throughput (img/s)", "{:.1f}", True),
-    ("time_per_image_ms", "time/img (ms)", "{:.3f}", True),
-    ("energy_per_image_j", "energy/img (J)", "{:.3f}", True),
+    ("throughput_img_s", "throughput (pairs/s)", "{:.1f}", True),
+    ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
+    ("energy_per_image_j", "energy/pair (J)", "{:.3f}", True),
     ("mean_power_w", "mean power (W)", "{:.0f}", True),
 ]
 DETAIL_COLUMNS = [
     ("nvml_used_gib", "NVML used (GiB)", "{:.2f}", True),
-    ("cpu_energy_per_image_j", "CPU energy/img (J)", "{:.3f}", True),
-    ("sampled_energy_per_image_j", "sampled energy/img (J)", "{:.3f}", True),
+    ("cpu_energy_per_image_j", "CPU energy/pair (J)", "{:.3f}", True),
+    ("sampled_energy_per_image_j", "sampled energy/pair (J)", "{:.3f}", True),
     ("images", "image pairs", "{:d}", False),
     ("time_s", "measured time (s)", "{:.2f}", False),
     ("oom_count", "OOMs", "{:d}", False),
@@ -372,8 +372,8 @@ DETAIL_COLUMNS = [
 ]
 BLOCK_COLUMNS = [
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
-    ("time_per_image_ms", "time/img (ms)", "{:.3f}", True),
-    ("energy_per_image_j", "energy/img (J)", "{:.4f}", True),
+    ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
+    ("energy_per_image_j", "energy/pair (J)", "{:.4f}", True),
     ("energy_source", "energy from", "{}", False),
 ]
 
@@ -547,7 +547,7 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     tables["per_block"] = _build_table(
         "Per block (ratio to the whole e2e step)", BLOCK_COLUMNS, block_rows, base_met,
         base_reason or "no e2e run", "x e2e step")
-    phase_cols = [(p, f"{p} (ms/img)", "{:.3f}", True) for p in PHASES]
+    phase_cols = [(p, f"{p} (ms/pair)", "{:.3f}", True) for p in PHASES]
     phase_rows = [(label_of(e), e["phases_ms_per_image"], e["phases_na"]) for e in entries]
     tables["phases"] = _build_table(
         "Time per phase, summed over blocks", phase_cols, phase_rows,
@@ -571,8 +571,11 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
 
 def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
     notes = [
-        "An image is one training example: a pair of augmented views (two forward passes). "
-        "Only the measured steps count (after the warm-up steps); each run was a fresh process.",
+        "Unit: an image pair (one training example: one image's two augmented views, two "
+        "forward passes; --batch-size counts pairs). Throughput is pairs per second of measured "
+        "step time (the sum of the timed step windows, each synchronized at both ends), not "
+        "wall-clock time; time and energy are per pair. Only the measured steps count (after "
+        "the warm-up steps); each run was a fresh process.",
         "Peak allocated: PyTorch's caching allocator, tensors only (max_memory_allocated over "
         "the measured steps); peak reserved: the allocator's segments; NVML used: device memory "
         "in use by all processes incl. the CUDA context, read at the end of each measured "
@@ -589,10 +592,11 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "lowers throughput (by 28-35 % for ResNet-50 on an H100 with a slow host); compare "
         "throughput only between runs of the same kind.",
         "Sequential mode trains one block per step (block k's step also runs the frozen blocks "
-        "1..k-1 forward). Its per-image time and energy are reported per block and as 'all 4 "
+        "1..k-1 forward). Its per-pair time and energy are reported per block and as 'all 4 "
         "blocks, one pass each' = sum over blocks of (block k's measured time or energy) / "
         "(image pairs in block k's measured steps): the cost of training every block once on "
-        "each image, comparable with one e2e step per image. Its throughput is 1 / that time.",
+        "each image pair, comparable with one e2e step per pair. Its throughput is 1 / that "
+        "time.",
         "Ratios ('x e2e') divide by the baseline run: "
         + (f"{base.label!r}." if base else "none (no e2e run), so ratios are n/a."),
     ]
@@ -649,12 +653,12 @@ def render_markdown(rep: dict) -> str:
         if key == "summary":
             out += ["", "![peak memory](peak_memory.png)", "",
                     "![throughput](throughput.png)", "",
-                    "![energy per image](energy_per_image.png)"]
+                    "![energy per image pair](energy_per_image.png)"]
         if key == "per_block":
             basis = [f"{r['label']}: {r['per_image_basis']}" for r in rep["runs"]
                      if r["mode"] == "sequential"]
             if basis:
-                out += ["", "Sequential per-image basis: " + "; ".join(basis) + "."]
+                out += ["", "Sequential per-pair basis: " + "; ".join(basis) + "."]
     out += ["", "## Power", "", "![power trace](power_trace.png)"]
     out += ["", "## Windows per run", ""]
     for r in rep["runs"]:
@@ -724,15 +728,30 @@ def _plt():
 
 
 def _save(fig, path: str) -> None:
-    # leave room for the two-line suptitle above the axes' own titles
-    fig.tight_layout(rect=(0, 0, 1, 0.90))
+    fig.tight_layout()
+    # Room for the two-line suptitle above the axes' own titles, measured: recent matplotlib's
+    # tight_layout already leaves it (a fixed rect would double the gap), older ones do not.
+    title = getattr(fig, "_blockwise_suptitle", None)
+    if title is not None and fig.axes:
+        renderer = fig.canvas.get_renderer()
+        axes_top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)
+        overlap = axes_top - title.get_window_extent(renderer).y0
+        if overlap > -4:  # keep at least 4 px between the title and the axes
+            top = fig.subplotpars.top - (overlap + 4) / fig.bbox.height
+            fig.subplots_adjust(top=top)
     _io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130,
                                                    bbox_inches="tight"), suffix=".png")
 
 
+def _sig(v: float) -> str:
+    """A bar label: whole numbers from 100 up, else 3 significant digits (0.64, not 1)."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+
+
 def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[str],
-          unit: str, fmt: str, color=None) -> None:
-    """Bars with their values; missing values get an 'n/a (reason)' label, no bar."""
+          unit: str, fmt: Optional[str], color=None) -> None:
+    """Bars with their values (``fmt`` None: :func:`_sig`); missing values get an
+    'n/a (reason)' label, no bar."""
     xs = list(range(len(labels)))
     top = max([v for v in values if v is not None] or [1.0])
     for x, v, why in zip(xs, values, reasons):
@@ -741,10 +760,12 @@ def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[st
                     fontsize=8, color="0.35")
         else:
             ax.bar(x, v, color=color or "C0", width=0.6)
-            ax.text(x, v, fmt.format(v), ha="center", va="bottom", fontsize=8)
+            ax.text(x, v, _sig(v) if fmt is None else fmt.format(v), ha="center",
+                    va="bottom", fontsize=8)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel(unit)
     ax.set_ylim(0, top * 1.18)
     ax.grid(axis="y", alpha=0.3)
@@ -757,8 +778,8 @@ def _suptitle(fig, rep: dict, what: str) -> None:
                                       f"{s['image_size']}px", s.get("batch_size") and
                                       f"batch {s['batch_size']}", s.get("precision"))
                      if x)
-    fig.suptitle(f"{what}\n{h.get('gpu') or 'CPU run'}" + (f" - {desc}" if desc else ""),
-                 fontsize=10)
+    fig._blockwise_suptitle = fig.suptitle(
+        f"{what}\n{h.get('gpu') or 'CPU run'}" + (f" - {desc}" if desc else ""), fontsize=10)
 
 
 def render_plots(rep: dict, out_dir: str) -> List[str]:
@@ -766,6 +787,9 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     runs = rep["runs"]
     labels = [r["label"] for r in runs]
     paths = []
+
+    def seq_note(what: str) -> str:  # only when a sequential run is plotted
+        return f" (sequential: {what})" if any(r["mode"] == "sequential" for r in runs) else ""
 
     # peak memory: per run, and per block
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -789,6 +813,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("peak memory (GiB)")
     ax.set_ylim(0, top * 1.18)
     ax.set_title("whole run", fontsize=9)
@@ -840,8 +865,8 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _bars(ax, labels, [r["metrics"]["throughput_img_s"] for r in runs],
           [r["na"].get("throughput_img_s", "") for r in runs], "throughput (image pairs/s)",
-          "{:.0f}")
-    _suptitle(fig, rep, "Training throughput (sequential: all blocks, one pass each)")
+          None)
+    _suptitle(fig, rep, "Training throughput" + seq_note("all blocks, one pass each"))
     p = os.path.join(out_dir, "throughput.png")
     _save(fig, p)
     plt.close(fig)
@@ -871,12 +896,13 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(runs) - 0.4)
+    ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("GPU energy per image pair (J)")
     ax.set_ylim(0, top * 1.18)
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    _suptitle(fig, rep, "GPU energy per image (sequential: stacked per block)")
+    _suptitle(fig, rep, "GPU energy per image pair" + seq_note("stacked per block"))
     p = os.path.join(out_dir, "energy_per_image.png")
     _save(fig, p)
     plt.close(fig)

@@ -96,6 +96,10 @@ def test_report_tables_ratios_and_plots(monkeypatch, tmp_path):
                  "x e2e", "Fake H100 80GB", "peak_memory.png", "power_trace.png",
                  "## How this was measured"):
         assert text in md, text
+    # the unit is the image pair (batch size counts pairs), per second of measured step time
+    for text in ("throughput (pairs/s)", "time/pair (ms)", "energy/pair (J)", "(ms/pair)"):
+        assert text in md, text
+    assert "/img" not in md and "img/s" not in md
 
 
 def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):

@@ -687,8 +687,13 @@ class EnergyMeter:
         self.begin(name)
         try:
             yield handle
-        finally:
-            handle.result = self.end(name)
+        except BaseException:
+            try:  # close it, but never replace the exception on its way out (e.g. a CUDA OOM)
+                handle.result = self.end(name)
+            except Exception:
+                pass
+            raise
+        handle.result = self.end(name)
 
     @property
     def open_windows(self) -> List[str]:

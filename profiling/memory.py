@@ -222,8 +222,13 @@ class MemoryMeter:
         self.begin(name)
         try:
             yield out
-        finally:
-            out.append(self.end(name))
+        except BaseException:
+            try:  # close it, but never replace the exception on its way out (e.g. a CUDA OOM)
+                out.append(self.end(name))
+            except Exception:
+                pass
+            raise
+        out.append(self.end(name))
 
     def peak_since_start(self) -> Optional[dict]:
         """{"peak_allocated_gib", "peak_reserved_gib"} over the meter's life, or None."""

@@ -70,8 +70,14 @@ class _Window:
         self.prof.begin(self.name, timed=self.timed)
         return self
 
-    def __exit__(self, *exc):
-        self.prof.end(self.name)
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.prof.end(self.name)
+            return False
+        try:  # an exception is on its way out (e.g. a CUDA OOM the trainer turns into exit 3):
+            self.prof.end(self.name)
+        except Exception:  # closing the window must not replace it (a window left open inside
+            pass  # by a bare begin(), a failing sync after a device error)
         return False
 
 
@@ -85,8 +91,14 @@ class _Measure:
         self.prof._measure_begin(self.label)
         return self
 
-    def __exit__(self, *exc):
-        self.prof._measure_end()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.prof._measure_end()
+            return False
+        try:  # as _Window: never replace the exception on its way out
+            self.prof._measure_end()
+        except Exception:
+            pass
         return False
 
 

@@ -286,6 +286,21 @@ def test_windows_must_close_innermost_first(monkeypatch, clock):
         m.begin("")
 
 
+def test_exception_in_window_is_not_replaced(monkeypatch, clock):
+    install(monkeypatch, FakeGPU(clock, 100.0))
+    m = meter(clock)
+    with pytest.raises(KeyError):  # not the ValueError the closing end("a") would raise
+        with m.window("a"):
+            m.begin("b")
+            raise KeyError("inside")
+    m.end("b")
+    with pytest.raises(KeyError):  # a plain error still closes its window, with a result
+        with m.window("c") as c:
+            clock.advance(1.0)
+            raise KeyError("inside")
+    assert c.result is not None and c.result.energy_j == pytest.approx(100.0)
+
+
 def test_sync_called_at_both_ends(monkeypatch, clock):
     install(monkeypatch, FakeGPU(clock))
     calls = []

@@ -80,6 +80,26 @@ def test_oom_count_per_window(fake):
     assert m.oom_count() == 3
 
 
+def test_oom_inside_window_is_counted_and_not_replaced(fake):
+    m = MemoryMeter("cuda", backend=fake)
+
+    class FakeOOM(RuntimeError):
+        pass
+
+    with pytest.raises(FakeOOM):  # not the ValueError the closing end("a") would raise
+        with m.window("a"):
+            m.begin("b")
+            fake.num_ooms += 1
+            raise FakeOOM("CUDA out of memory")
+    w = m.end("b")
+    assert w.oom_count == 1
+    with pytest.raises(FakeOOM):
+        with m.window("c") as out:
+            fake.num_ooms += 1
+            raise FakeOOM("CUDA out of memory")
+    assert out[0].oom_count == 1 and m.oom_count() == 2
+
+
 def test_nvml_used_memory_at_window_end(monkeypatch, fake):
     gpu = FakeGPU(lambda: 0.0, used_bytes=int(3.5 * GIB))
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([gpu]).module)

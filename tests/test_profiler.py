@@ -160,6 +160,25 @@ def test_measure_cannot_nest_and_windows_are_checked():
         Profiler("tpu:0")
 
 
+def test_exception_inside_windows_is_not_replaced():
+    """An error inside windows (an OOM the trainer counts) comes out as itself, even with a
+    window left open inside by a bare begin(), which would make the closing end() complain."""
+    prof = Profiler("cpu")
+
+    class Boom(RuntimeError):
+        pass
+
+    with pytest.raises(Boom):
+        with prof.measure():
+            with prof.window("step"):
+                prof.begin("block1")
+                raise Boom("out of memory")
+    with pytest.raises(ValueError, match="innermost open window"):  # no error: still checked
+        with prof.window("step"):
+            prof.begin("block1")
+    prof.close()
+
+
 def test_nothing_measured_says_so(monkeypatch):
     clock = FakeClock()
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)

@@ -183,8 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.no_control:
             values["probe_control"] = False
         device = args.device or values["device"]
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but CUDA is not available here; valid: cpu, auto")
         if device in ("auto", "cuda") and not torch.cuda.is_available():
-            device = "cpu"
+            device = "cpu"  # the run's device (or auto) is not here: probe on the CPU
         if device == "cpu":
             values.update(device="cpu", precision="fp32", channels_last=False)
         values["device"] = device

@@ -98,6 +98,7 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
     """Pre-train, save, probe, export; returns the summary. Raises _Exit for codes 2 and 3."""
     main = info.is_main
     say = log if main else (lambda *a, **k: None)
+    t_start = time.perf_counter()
     try:
         trainer = Trainer(cfg, cfg.out, info, log=say)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -130,8 +131,10 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
         summary["export"] = _export(trainer) if main else None
         probe = None
         if cfg.probe_epochs > 0 and main:
+            t_probe = time.perf_counter()
             probe = run_probe(cfg, trainer.blocks, trainer.bundle, trainer.device,
                               meta={"step": trainer.state.step})
+            probe["probe_time_s"] = time.perf_counter() - t_probe  # both probes, incl. features
             atomic_write_json(os.path.join(cfg.out, PROBE), probe)
         if info.enabled:
             import torch.distributed as dist
@@ -146,6 +149,8 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
     finally:
         trainer.close()
     summary["probe"] = probe
+    # data set and model set-up, training, export and probe (not the interpreter's start-up)
+    summary["wall_s"] = time.perf_counter() - t_start
     if main:
         atomic_write_json(os.path.join(cfg.out, "summary.json"), summary)
         say(format_summary(summary, cfg))
@@ -182,7 +187,8 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
         workers = summary.get("loader_workers")
         who = (f"{workers} worker(s) x 1 / their measured time per pair" if workers
                else "the main process: 1 / measured time per pair")
-        lines.append(f"loader: capacity about {loader:.0f} pairs/s ({who}); waiting for data "
+        lines.append(f"loader: capacity about {loader:.0f} pairs/s, i.e. {2 * loader:.0f} images/s "
+                     f"({who}); waiting for data "
                      f"{100 * (wait or 0):.1f}% of the run")
     per_block = summary.get("peak_memory_gib_per_block")
     if per_block:
@@ -200,6 +206,10 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                                                      else f" ({export['note']})"))
     if summary.get("probe"):
         lines.append(format_table(summary["probe"]))
+        if summary["probe"].get("probe_time_s") is not None:
+            lines.append(f"probe: {summary['probe']['probe_time_s']:.1f} s")
+    if summary.get("wall_s") is not None:
+        lines.append(f"total: {summary['wall_s']:.1f} s (set-up, training, export, probe)")
     lines.append(f"run directory: {cfg.out}")
     return "\n".join(lines)
 

@@ -82,3 +82,13 @@ def test_probe_cli_on_a_saved_run(tmp_path, capsys):
 def test_probe_cli_without_checkpoint(tmp_path, capsys):
     assert probe.main([str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_probe_cli_explicit_cuda_without_cuda_is_an_error(tmp_path, capsys):
+    assert train.main([str(a) for a in TINY + ["--max-steps", "1", "--probe-epochs", "0",
+                                               "--out", tmp_path]]) == 0
+    capsys.readouterr()
+    assert probe.main([str(tmp_path), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "probe.json").exists()

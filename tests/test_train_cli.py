@@ -49,6 +49,11 @@ def test_readme_command_end_to_end(tmp_path):
     assert all(0 <= v <= 100 for v in probe["top1"].values())
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["probe"]["top1"] == probe["top1"]
+    # the summary's times are measured: the whole run covers training plus the probe
+    assert 0 < probe["probe_time_s"] < summary["wall_s"]
+    assert summary["time_s"] + probe["probe_time_s"] < summary["wall_s"]
+    assert f"total: {summary['wall_s']:.1f} s" in proc.stdout
+    assert "images/s (the main process" in proc.stdout  # loader capacity in images/s too
     assert summary["export"]["strict_torchvision"] is False  # small stem: explained, not strict
 
 

@@ -266,6 +266,12 @@ def render_plot(rep: dict, path: str) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     any_point = False
+    env = rep.get("environment") or {}
+    measured = [p["peak_allocated_gib"] for m in rep["modes"] for p in m["probes"]
+                if p["peak_allocated_gib"] is not None]
+    # OOM probes have no peak: mark them at the memory limit (the GPU's, else the highest
+    # measured peak), never at 0 GiB
+    ceiling = env.get("gpu_memory_gib") or max(measured or [1.0])
     for i, m in enumerate(rep["modes"]):
         pts = sorted((p["batch"], p["peak_allocated_gib"]) for p in m["probes"]
                      if p["result"] == "fits" and p["peak_allocated_gib"] is not None)
@@ -275,10 +281,9 @@ def render_plot(rep: dict, path: str) -> None:
             any_point = True
         ooms = [p["batch"] for p in m["probes"] if p["result"] == "oom"]
         if ooms:
-            ax.scatter(ooms, [0] * len(ooms), marker="x", color=f"C{i}", s=60,
-                       label=f"{m['mode']} (OOM)")
+            ax.scatter(ooms, [ceiling] * len(ooms), marker="x", color=f"C{i}", s=60,
+                       label=f"{m['mode']} (OOM, no peak)")
             any_point = True
-    env = rep.get("environment") or {}
     if env.get("gpu_memory_gib"):
         ax.axhline(env["gpu_memory_gib"], color="k", ls="--", lw=1, label="GPU memory")
     if not any_point:
@@ -289,8 +294,9 @@ def render_plot(rep: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=8)
-    fig.suptitle(f"Peak memory vs batch size\n{env.get('gpu') or 'no GPU'} - "
-                 f"{rep['settings']['arch']}, {rep['settings']['image_size']} px", fontsize=10)
+    fig._blockwise_suptitle = fig.suptitle(
+        f"Peak memory vs batch size\n{env.get('gpu') or 'no GPU'} - "
+        f"{rep['settings']['arch']}, {rep['settings']['image_size']} px", fontsize=10)
     _save(fig, path)
     plt.close(fig)
 

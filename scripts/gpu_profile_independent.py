@@ -16,7 +16,7 @@ trainer's loader: if the loader limited them, throughput disagrees here, which i
 Sequential mode is measured per block (block k's step after blocks 1..k-1 are frozen) and
 summed as in the report ("all 4 blocks, one pass each").
 
-Pass (the project's bar): peak memory and throughput within 10 %, energy per image within 15 %.
+Pass (the project's bar): peak memory and throughput within 10 %, energy per image pair within 15 %.
 
     PYTHONPATH=. python scripts/gpu_profile_independent.py --report DIR/report.json --out DIR
 """

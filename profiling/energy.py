@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from profiling import _nvml
+from profiling._windows import check_closing, check_window_name
 
 COUNTER_UPDATE_S = 0.1  # NVML total-energy counter update period (about; driver dependent)
 NVML_COUNTER_MODULUS = 2**64  # the counter is an unsigned 64-bit value in mJ
@@ -586,8 +587,7 @@ class EnergyMeter:
     # -- windows -------------------------------------------------------------------------------
     def begin(self, name: str) -> None:
         """Open window ``name`` (synchronizes the device first)."""
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"window name must be a non-empty string, got {name!r}")
+        check_window_name(name)
         if self._closed:
             raise RuntimeError("EnergyMeter is closed")
         self._sync()
@@ -601,12 +601,7 @@ class EnergyMeter:
 
     def end(self, name: str) -> EnergyWindow:
         """Close window ``name``, the innermost open one (synchronizes the device first)."""
-        if not self._open:
-            raise ValueError(f"end({name!r}) but no window is open")
-        if self._open[-1].name != name:
-            raise ValueError(f"end({name!r}) but the innermost open window is "
-                             f"{self._open[-1].name!r} (open: {[o.name for o in self._open]}); "
-                             "windows must close innermost first")
+        check_closing(name, [o.name for o in self._open])
         self._sync()
         with self._lock:
             t = self._clock()

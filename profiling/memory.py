@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional
 
 from profiling import _io, _nvml
+from profiling._windows import check_closing, check_window_name
 
 GIB = float(1 << 30)
 
@@ -178,8 +179,7 @@ class MemoryMeter:
 
     # -- windows -------------------------------------------------------------------------------
     def begin(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"window name must be a non-empty string, got {name!r}")
+        check_window_name(name)
         if self.unavailable is not None:
             self._open.append(_Open(name, 0, 0, 0, 0))
             return
@@ -190,12 +190,7 @@ class MemoryMeter:
                                 s["num_ooms"]))
 
     def end(self, name: str, *, nvml: bool = False) -> MemoryWindow:
-        if not self._open:
-            raise ValueError(f"end({name!r}) but no window is open")
-        if self._open[-1].name != name:
-            raise ValueError(f"end({name!r}) but the innermost open window is "
-                             f"{self._open[-1].name!r} (open: {[o.name for o in self._open]}); "
-                             "windows must close innermost first")
+        check_closing(name, [o.name for o in self._open])
         if self.unavailable is not None:
             self._open.pop()
             return MemoryWindow(name, len(self._open), None, None, None, None, None, None,

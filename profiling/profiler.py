@@ -36,6 +36,7 @@ import socket
 from typing import Any, Dict, List, Optional
 
 from profiling import _io
+from profiling._windows import check_closing, check_window_name
 from profiling.energy import EnergyMeter, EnergyWindow
 from profiling.memory import MemoryMeter, MemoryWindow
 
@@ -232,8 +233,7 @@ class Profiler:
     def begin(self, name: str, timed: bool = True) -> None:
         if not self.enabled:
             return
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"window name must be a non-empty string, got {name!r}")
+        check_window_name(name)
         if not isinstance(timed, bool):
             raise TypeError(f"timed must be True or False, got {timed!r}")
         if not timed and name == MEASURE:
@@ -248,12 +248,7 @@ class Profiler:
     def end(self, name: str) -> None:
         if not self.enabled:
             return
-        if not self._stack:
-            raise ValueError(f"end({name!r}) but no window is open")
-        if self._stack[-1][0] != name:
-            raise ValueError(f"end({name!r}) but the innermost open window is "
-                             f"{self._stack[-1][0]!r} (open: {[s[0] for s in self._stack]}); "
-                             "windows must close innermost first")
+        check_closing(name, [w[0] for w in self._stack])
         timed = self._stack[-1][2]
         e = None
         if timed:

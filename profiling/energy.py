@@ -585,6 +585,14 @@ class EnergyMeter:
                 self.thread_error = f"{type(e).__name__}: {e}"
 
     # -- windows -------------------------------------------------------------------------------
+    def _read_locked(self):
+        """(time, counter readings, CPU reading) at a window boundary; call with the lock held."""
+        t = self._clock()
+        if self.method == "sampling":
+            self._sample_locked(t)
+        counters, cpu = self._poll_counters_locked(t, reuse=True)
+        return t, counters, cpu
+
     def begin(self, name: str) -> None:
         """Open window ``name`` (synchronizes the device first)."""
         check_window_name(name)
@@ -592,10 +600,7 @@ class EnergyMeter:
             raise RuntimeError("EnergyMeter is closed")
         self._sync()
         with self._lock:
-            t = self._clock()
-            if self.method == "sampling":
-                self._sample_locked(t)
-            counters, cpu = self._poll_counters_locked(t, reuse=True)
+            t, counters, cpu = self._read_locked()
             self._open.append(_Open(name, t, counters, self._cum_at_locked(t), cpu,
                                     [c.resets for c in self._counters]))
 
@@ -604,10 +609,7 @@ class EnergyMeter:
         check_closing(name, [o.name for o in self._open])
         self._sync()
         with self._lock:
-            t = self._clock()
-            if self.method == "sampling":
-                self._sample_locked(t)
-            counters, cpu = self._poll_counters_locked(t, reuse=True)
+            t, counters, cpu = self._read_locked()
             cum = self._cum_at_locked(t)
             o = self._open.pop()
             depth = len(self._open)

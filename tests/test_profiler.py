@@ -93,13 +93,19 @@ def test_cpu_profile_marks_unavailable_and_aggregates(tmp_path):
     assert p["meta"] == {"mode": "sequential"}
 
 
-def test_with_fake_gpu_meters(monkeypatch, tmp_path):
+def _fake_gpu_profiler(monkeypatch):
+    """A Profiler over one fake 250 W GPU (fake NVML, clock and allocator): (clock, mem, energy, prof)."""
     clock = FakeClock()
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)
     mem = FakeCudaMemory()
     energy = EnergyMeter(clock=clock, sample_interval_s=None, cpu=False, sync=False)
     prof = Profiler("cpu", energy_meter=energy,
                     memory_meter=MemoryMeter("cuda", backend=mem, nvml=False))
+    return clock, mem, energy, prof
+
+
+def test_with_fake_gpu_meters(monkeypatch, tmp_path):
+    clock, mem, energy, prof = _fake_gpu_profiler(monkeypatch)
     with prof.measure():
         for step in range(4):
             with prof.window("step"):
@@ -256,12 +262,7 @@ def test_segment_label_is_the_trained_block():
 
 def test_memory_only_window_does_not_sync_and_records_memory(monkeypatch):
     """timed=False: no device sync at either end, peak memory exact, time/energy null (not 0)."""
-    clock = FakeClock()
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(clock, 250.0)]).module)
-    mem = FakeCudaMemory()
-    energy = EnergyMeter(clock=clock, sample_interval_s=None, cpu=False, sync=False)
-    prof = Profiler("cpu", energy_meter=energy,
-                    memory_meter=MemoryMeter("cuda", backend=mem, nvml=False))
+    clock, mem, energy, prof = _fake_gpu_profiler(monkeypatch)
     syncs = []
     monkeypatch.setattr(prof, "_sync", lambda: syncs.append(len(prof._stack)))
     energy_calls = []

@@ -37,7 +37,7 @@ the one of ``nn.Sequential(conv, bn, relu)``: a drop-in for the plain expander's
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist

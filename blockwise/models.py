@@ -195,30 +195,24 @@ def _avg_pool(x: torch.Tensor, window: Optional[int], fused: bool) -> torch.Tens
 _warned_fallback = set()
 
 
-def _warn_once(key: str, message: str) -> None:
+def warn_once(key: str, message: str) -> None:
+    """One RuntimeWarning per ``key`` per process (the fallbacks would otherwise warn per step)."""
     if key not in _warned_fallback:
         _warned_fallback.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _sqrt_pool_fn(x: torch.Tensor, fused: bool) -> Callable[..., torch.Tensor]:
-    """kernels.sqrt_pool2d (the Triton kernel) when fused and it can run here, else the reference.
-
-    Looked up by attribute at call time, so this module works before and after the kernel lands.
-    """
+    """kernels.sqrt_pool2d (the Triton kernel) when fused and Triton can run on x's device, else
+    the reference (with one warning when fused was asked for)."""
     if not fused:
         return kernels.sqrt_pool2d_ref
-    op = getattr(kernels, "sqrt_pool2d", None)
-    if op is None:
-        _warn_once("sqrt_missing", "fused=True but kernels.sqrt_pool2d is not available in this "
-                   "version of kernels; using the PyTorch reference kernels.sqrt_pool2d_ref")
-        return kernels.sqrt_pool2d_ref
     if not kernels.triton_can_run_on(x.device):
-        _warn_once("sqrt_device", f"fused=True but the Triton kernels cannot run on {x.device} "
-                   "(no CUDA; TRITON_INTERPRET is not set); using the PyTorch reference "
-                   "kernels.sqrt_pool2d_ref")
+        warn_once("sqrt_device", f"fused=True but the Triton kernels cannot run on {x.device} "
+                  "(no CUDA; TRITON_INTERPRET is not set); using the PyTorch reference "
+                  "kernels.sqrt_pool2d_ref")
         return kernels.sqrt_pool2d_ref
-    return op
+    return kernels.sqrt_pool2d
 
 
 def _sqrt_pool(x: torch.Tensor, window: Optional[int], fused: bool) -> torch.Tensor:
@@ -347,19 +341,14 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     """The Barlow Twins loss of two N x D embeddings, an fp32 scalar.
 
     ``fused=True`` uses ``kernels.barlow_twins_loss`` (Triton; never builds the D x D matrix) when
-    it exists and can run on these tensors, else (one warning) the reference. The reference runs
+    it can run on these tensors, else (one warning) the reference. The reference runs
     in fp32 with autocast off: under fp16 autocast the official code's D x D matmul overflows.
     """
     if fused:
-        op = getattr(kernels, "barlow_twins_loss", None)
-        if op is None:
-            _warn_once("bt_missing", "fused=True but kernels.barlow_twins_loss is not available in "
-                       "this version of kernels; using kernels.barlow_twins_loss_ref")
-        elif not kernels.triton_can_run_on(z1.device):
-            _warn_once("bt_device", f"fused=True but the Triton kernels cannot run on {z1.device} "
-                       "(no CUDA; TRITON_INTERPRET is not set); using kernels.barlow_twins_loss_ref")
-        else:
-            return op(z1, z2, lambd=lambd, scale=scale)
+        if kernels.triton_can_run_on(z1.device):
+            return kernels.barlow_twins_loss(z1, z2, lambd=lambd, scale=scale)
+        warn_once("bt_device", f"fused=True but the Triton kernels cannot run on {z1.device} "
+                  "(no CUDA; TRITON_INTERPRET is not set); using kernels.barlow_twins_loss_ref")
     with torch.autocast(device_type=z1.device.type, enabled=False):
         return kernels.barlow_twins_loss_ref(z1.float(), z2.float(), lambd=lambd, scale=scale)
 

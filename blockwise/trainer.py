@@ -34,12 +34,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import math
 import os
 import time
-import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -136,7 +134,7 @@ class BarlowTwinsLoss:
 
     def __init__(self, lambd: float, scale: float, fused: bool, world_size: int = 1):
         self.lambd, self.scale, self.world_size = lambd, scale, world_size
-        self.use_kernel = bool(fused) and getattr(kernels, "barlow_twins_loss", None) is not None
+        self.use_kernel = bool(fused)
         self.grad_factor = float(world_size) if self.use_kernel else 1.0
 
     def __call__(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -304,12 +302,6 @@ class TrainState:
     batch: int = 0  # batches of that epoch already consumed
 
 
-def _warn_once(key: str, message: str, _seen=set()) -> None:
-    if key not in _seen:
-        _seen.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 class Trainer:
     """Builds data, blocks, heads, optimizers for ``cfg`` and trains them (``fit``).
 
@@ -333,7 +325,7 @@ class Trainer:
             self.device = torch.device("cpu")
         self.fused = cfg.fused and self.device.type == "cuda"
         if cfg.fused and not self.fused:
-            _warn_once("fused_cpu", "--fused: no CUDA device, so the Triton kernels are not used; "
+            models.warn_once("fused_cpu", "--fused: no CUDA device, so the Triton kernels are not used; "
                        "running the PyTorch references kernels.sqrt_pool2d_ref and "
                        "kernels.barlow_twins_loss_ref instead")
         self.amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
@@ -414,7 +406,7 @@ class Trainer:
             if self.device.type == "cuda":
                 head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
             else:
-                _warn_once("syncbn_cpu", "SyncBatchNorm needs CUDA: on CPU (gloo) each process "
+                models.warn_once("syncbn_cpu", "SyncBatchNorm needs CUDA: on CPU (gloo) each process "
                            "normalises the heads with its own batch statistics")
         return head.to(self.device, memory_format=self.memory_format)
 

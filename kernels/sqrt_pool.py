@@ -49,7 +49,6 @@ output and accumulates nothing, so nothing needs zeroing in between.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple

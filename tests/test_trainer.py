@@ -13,7 +13,6 @@ import weakref
 import pytest
 import torch
 
-from blockwise import models
 from blockwise.checkpoint import load_checkpoint
 from blockwise.config import Config
 from blockwise.trainer import NonFiniteLoss, Trainer, initial_blocks

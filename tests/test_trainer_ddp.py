@@ -36,10 +36,13 @@ def _tiny_stage_parts():
     return block, head, x1, x2
 
 
-def _worker(rank: int, port: int, use_kernel: bool, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, store_path: str, use_kernel: bool, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A FileStore, not a TCPStore hosted by rank 0: with TCP, rank 0 could exit while rank 1 was
+    # still talking to its store thread and die with SIGABRT ("terminate called without an
+    # active exception"), failing CI about one run in three on a busy 2-core machine.
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank,
+                            world_size=WORLD)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -63,6 +66,7 @@ def _worker(rank: int, port: int, use_kernel: bool, out_dir: str) -> None:
         torch.save({"loss": loss.detach(), "loss_single": loss_single.detach(), "got": got,
                     "expected": expected, "uses_kernel": loss_fn.use_kernel,
                     "factor": loss_fn.grad_factor}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
@@ -74,7 +78,8 @@ def _worker(rank: int, port: int, use_kernel: bool, out_dir: str) -> None:
         reason="kernels.barlow_twins_loss cannot run on this CPU (needs TRITON_INTERPRET=1)")),
 ])
 def test_ddp_gradient_equals_single_process_on_concatenated_batch(tmp_path, use_kernel):
-    mp.spawn(_worker, args=(_free_port(), use_kernel, str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "store"), use_kernel, str(tmp_path)), nprocs=WORLD,
+             join=True)
     for rank in range(WORLD):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["uses_kernel"] == use_kernel

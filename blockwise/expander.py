@@ -32,6 +32,10 @@ and torch.distributed is initialised, the statistics (shift, sum x, X X^T, count
 over its process group in forward and (dgamma, dbeta) in backward: SyncBN semantics. The returned
 gamma/beta/W gradients are the local ones, as SyncBN's (DDP averages them).
 
+``fused=True`` (where Triton can run on x's device) does the per-chunk elementwise work and sums in
+two Triton kernels (kernels/expander_pool.py) on h kept in the matmul dtype, dh written in place
+into h; the torch path (the kernels' ``*_ref``) stays the reference. Not yet measured on a GPU.
+
 The children are named "0" (conv), "1" (BN), "2" (ReLU, unused in forward) so the state dict is
 the one of ``nn.Sequential(conv, bn, relu)``: a drop-in for the plain expander's parameters.
 """
@@ -43,6 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
+
+import kernels
 
 POOLS = ("avg", "sqrt")
 
@@ -66,7 +72,7 @@ class _ExpanderPoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, gamma, beta, running_mean, running_var, use_batch_stats: bool,
                 momentum: Optional[float], eps: float, pool: str, eps_pool: float, chunk_bytes: int,
-                cdtype: torch.dtype, group):
+                cdtype: torch.dtype, group, fused: bool):
         n, cin, hgt, wid = x.shape
         cout = weight.shape[0]
         hw = hgt * wid
@@ -114,29 +120,22 @@ class _ExpanderPoolFn(torch.autograd.Function):
         for i in range(0, n, step):
             xc = x[i:i + step]
             m = xc.shape[0]
-            h = (_pixels(xc).to(cdtype) @ wc.t()).to(acc).view(m, hw, cout)
-            hhat = (h - mu) * rstd
-            a = hhat * g + b
-            y = a.clamp_min(0)
-            if pool == "avg":
-                mask = (a > 0).to(acc)
-                out[i:i + m] = y.sum(1) / hw
-                sa[i:i + m] = mask.sum(1)
-                sb[i:i + m] = (hhat * mask).sum(1)
+            h = _pixels(xc).to(cdtype) @ wc.t()  # (m*hw) x Cout, image-major rows, cdtype
+            if fused:  # h stays in cdtype; the kernel writes the sums into the batch buffers
+                kernels.expander_pool_fwd(h, mu, rstd, g, b, hw, pool, eps_pool,
+                                          out=out[i:i + m], sa=sa[i:i + m], sb=sb[i:i + m])
             else:
-                sq = (y * y).sum(1) + eps_pool
-                out[i:i + m] = torch.where(sq > 0, sq.clamp_min(0).sqrt(), torch.zeros_like(sq))
-                sa[i:i + m] = y.sum(1)
-                sb[i:i + m] = (y * hhat).sum(1)
+                out[i:i + m], sa[i:i + m], sb[i:i + m] = kernels.expander_pool_fwd_ref(
+                    h, mu, rstd, g, b, hw, pool, eps_pool)
         ctx.save_for_backward(x, weight, gamma, beta, mu, rstd, out, sa, sb)
-        ctx.cfg = (use_batch_stats, pool, chunk_bytes, cdtype, group, count)
+        ctx.cfg = (use_batch_stats, pool, chunk_bytes, cdtype, group, count, fused)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gp):
         x, weight, gamma, beta, mu, rstd, out, sa, sb = ctx.saved_tensors
-        use_batch_stats, pool, chunk_bytes, cdtype, group, count = ctx.cfg
+        use_batch_stats, pool, chunk_bytes, cdtype, group, count, fused = ctx.cfg
         need_x, need_w, need_g, need_b = ctx.needs_input_grad[:4]
         n, cin, hgt, wid = x.shape
         cout = weight.shape[0]
@@ -149,11 +148,13 @@ class _ExpanderPoolFn(torch.autograd.Function):
             pos = out > 0
             wsc = torch.where(pos, gp / torch.where(pos, out, torch.ones_like(out)),
                               torch.zeros_like(out))   # w = wsc * y
+        wsc = wsc.contiguous()  # a no-op: gp / hw and where() give new dense tensors
         dbeta = (wsc * sa).sum(0)
         dgamma = (wsc * sb).sum(0)
         g = gamma.to(acc)
         dx = dw = None
         if need_x or need_w:
+            c0 = c1 = None
             if use_batch_stats:
                 tot = torch.stack([dbeta, dgamma])
                 if group is not None:
@@ -172,17 +173,13 @@ class _ExpanderPoolFn(torch.autograd.Function):
                 xc = x[i:i + step]
                 m = xc.shape[0]
                 xp = _pixels(xc).to(cdtype)
-                hhat = ((xp @ wc.t()).to(acc).view(m, hw, cout) - mu) * rstd
-                a = hhat * g + b
-                if pool == "avg":
-                    dhhat = (a > 0).to(acc) * (wsc[i:i + m, None, :] * g)
+                h = xp @ wc.t()  # recomputed, (m*hw) x Cout in cdtype
+                if fused:  # dh overwrites h: no second map-sized buffer
+                    dh = kernels.expander_pool_bwd(h, mu, rstd, g, b, wsc[i:i + m], c0, c1, hw,
+                                                   pool)
                 else:
-                    dhhat = a.clamp_min(0) * (wsc[i:i + m, None, :] * g)
-                if use_batch_stats:
-                    dh = (dhhat - c0 - hhat * c1) * rstd
-                else:
-                    dh = dhhat * rstd
-                dh = dh.reshape(m * hw, cout).to(cdtype)
+                    dh = kernels.expander_pool_bwd_ref(h, mu, rstd, g, b, wsc[i:i + m], c0, c1,
+                                                       hw, pool).to(cdtype)
                 if need_x:
                     # (m*hw) x Cin back to N x Cin x H x W, written in x's memory format
                     dx[i:i + m] = (dh @ wc).view(m, hgt, wid, cin).movedim(-1, 1).to(x.dtype)
@@ -192,7 +189,7 @@ class _ExpanderPoolFn(torch.autograd.Function):
                 dw = dwa.view_as(weight).to(weight.dtype)
         dg = dgamma.to(gamma.dtype) if need_g else None
         db = dbeta.to(beta.dtype) if need_b else None
-        return dx, dw, dg, db, None, None, None, None, None, None, None, None, None, None
+        return dx, dw, dg, db, None, None, None, None, None, None, None, None, None, None, None
 
 
 class ExpanderPool(nn.Module):
@@ -204,11 +201,14 @@ class ExpanderPool(nn.Module):
     eval mode). ``pool``: "avg" (mean over pixels) or "sqrt" (sqrt of the sum of squares over
     pixels, + ``eps_pool``; gradient 0 where the result is 0). ``chunk_bytes``: the fp32 map of
     one chunk of whole images is at most this large (one image per chunk when an image exceeds it).
-    The output is fp32 (fp64 for fp64 inputs), also under autocast.
+    The output is fp32 (fp64 for fp64 inputs), also under autocast. ``fused``: the elementwise
+    work in Triton kernels (kernels/expander_pool.py) where Triton can run on x's device (CUDA,
+    or CPU under TRITON_INTERPRET=1); elsewhere, silently, the same torch path as ``fused=False``.
     """
 
     def __init__(self, in_channels: int, out_channels: int, pool: str = "avg", eps_bn: float = 1e-5,
-                 momentum: Optional[float] = 0.1, chunk_bytes: int = 256 << 20, eps_pool: float = 0.0):
+                 momentum: Optional[float] = 0.1, chunk_bytes: int = 256 << 20, eps_pool: float = 0.0,
+                 fused: bool = False):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("chunk_bytes", chunk_bytes)):
@@ -221,6 +221,7 @@ class ExpanderPool(nn.Module):
         self.pool = pool
         self.chunk_bytes = chunk_bytes
         self.eps_pool = float(eps_pool)
+        self.fused = bool(fused)
         self.add_module("0", nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False))
         self.add_module("1", nn.BatchNorm2d(out_channels, eps=eps_bn, momentum=momentum))
         self.add_module("2", nn.ReLU(inplace=True))
@@ -269,7 +270,8 @@ class ExpanderPool(nn.Module):
             return _ExpanderPoolFn.apply(
                 x, conv.weight, bn.weight, bn.bias, running_mean, running_var, use_batch_stats,
                 momentum, bn.eps, self.pool, self.eps_pool, self.chunk_bytes, cdtype,
-                self._group(use_batch_stats))
+                self._group(use_batch_stats), self.fused and kernels.triton_can_run_on(x.device))
 
     def extra_repr(self) -> str:
-        return f"pool={self.pool}, chunk_bytes={self.chunk_bytes}, eps_pool={self.eps_pool}"
+        return (f"pool={self.pool}, chunk_bytes={self.chunk_bytes}, eps_pool={self.eps_pool}, "
+                f"fused={self.fused}")

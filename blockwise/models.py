@@ -300,7 +300,7 @@ class BlockHead(nn.Module):
         self.expander_recompute = bool(expander_recompute) and expander > 0 and pool_window is None
         if self.expander_recompute:
             from blockwise.expander import ExpanderPool
-            self.expander = ExpanderPool(in_channels, expander, pool)
+            self.expander = ExpanderPool(in_channels, expander, pool, fused=self.fused)
             self.feature_dim = expander
         elif expander > 0:
             self.expander = nn.Sequential(

@@ -1,26 +1,48 @@
 #!/usr/bin/env bash
-# One device call that measures everything the README and docs/performance.md quote for the
-# trainer and the profiling reports, in priority order, each part under a time guard so that a
-# slow part cannot starve the rest (the device call has a hard limit):
-#   1. python -m profiling compare: ResNet-50, 224 px, batch 256, projector 8192-8192-8192, bf16,
-#      LARS, --fused; e2e / simultaneous / sequential (default heads: expander 2048 as the paper)
-#   2. the learning check on a CIFAR-10-layout folder (scripts/gpu_learning_check.sh)
-#   3. the Barlow Twins loss benchmark (fused auto/gram vs eager autocast vs torch.compile)
-#   4. NVML counter vs power integration on >= 10 s windows (scripts/gpu_profile_energy.py)
-#   5. the same compare with --no-expander-recompute (the expander's map stored for backward)
-#   6. the independent measurement of run 1 (scripts/gpu_profile_independent.py)
+# One device call that measures what the README and docs/performance.md quote, part by part, in
+# the order PARTS gives, each part under a time guard so that a slow part cannot starve the rest
+# (a device call has a hard limit of 600 s; a session has 30 minutes of device time):
 #
-#   OUT=dir DATA=cifar_dir BUDGET_S=560 bash scripts/gpu_session.sh
+#   cuda_tests       the CUDA paths of the kernel tests (sqrt_pool, Barlow Twins, ExpanderPool
+#                    kernels) and of the expander / trainer tests: new kernel code first
+#   compare_default  python -m profiling compare: ResNet-50, 224 px, batch 256, projector
+#                    8192-8192-8192, bf16, LARS, --fused; e2e / simultaneous / sequential with the
+#                    default heads (expander 2048 at every block, as the paper)
+#   compare_split    the same with --split-views (each view back-propagated on its own)
+#   compare_noexp    the same with --expander 0 (the issue's prototype had no expander)
+#   compare_store    the same with --no-expander-recompute (the expander's map stored)
+#   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
+#   energy           NVML counter vs power integration on >= 10 s windows
+#   maxbatch         python -m profiling maxbatch, the three modes, the compare settings
+#   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile)
+#   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
+#   learning         the learning check on a CIFAR-10-layout folder (scripts/gpu_learning_check.sh)
+#
+#   OUT=dir DATA=cifar_dir BUDGET_S=570 PARTS="cuda_tests compare_default" bash scripts/gpu_session.sh
+#
+# $OUT gets two files (the device returns few): summary.txt (every part's status and the tables)
+# and session.tar.gz (logs, reports, plots, benchmark JSON; no weights).
+# Suggested split of one session's 30 minutes (three calls):
+#   PARTS="cuda_tests compare_default compare_split compare_noexp"
+#   PARTS="energy independent maxbatch bt_bench expander_bench"
+#   PARTS="learning" EPOCHS=80            (DATA needed only here)
 # Settings for a CPU dry run of the script itself: ARCH=resnet18 IMG=16 BATCH=8 PROJ=32-32
-# DEVICE=cpu STEPS=2 WARMUP=1 EPOCHS=1.
+# DEVICE=cpu STEPS=2 WARMUP=1 EPOCHS=1 PARTS="compare_default learning".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_session_out}; WORK=${WORK:-/tmp/gpu_session}
-DATA=${DATA:?DATA=<ImageFolder dir with train/ and val/>}
-BUDGET_S=${BUDGET_S:-560}; ARCH=${ARCH:-resnet50}; IMG=${IMG:-224}; BATCH=${BATCH:-256}
+DATA=${DATA:-}
+BUDGET_S=${BUDGET_S:-570}; ARCH=${ARCH:-resnet50}; IMG=${IMG:-224}; BATCH=${BATCH:-256}
 PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
+PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
+VALID="cuda_tests compare_default compare_split compare_noexp compare_store independent energy
+       maxbatch bt_bench expander_bench learning"
+for part in $PARTS; do  # a typo must not cost a device call: check every name first
+    case " $(echo $VALID) " in *" $part "*) ;; *)
+        echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
+done
 mkdir -p "$OUT" "$WORK"; LOG="$OUT/summary.txt"; : > "$LOG"
 t0=$SECONDS
 say() { echo "$@" | tee -a "$LOG"; }
@@ -30,36 +52,70 @@ guard() {  # guard NAME MAX_S cmd...: run under min(MAX_S, time left - 5 s)
     local t=$(( $(left) - 5 )); [ "$t" -gt "$max" ] && t=$max
     if [ "$t" -lt 20 ]; then say "-- $name: skipped (only $(left) s left)"; return 1; fi
     say "== $name (guard ${t} s, $(( SECONDS - t0 )) s elapsed) =="
-    timeout --signal=INT --kill-after=10 "$t" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    timeout --signal=INT --kill-after=10 "$t" "$@" 2>&1 | tee -a "$WORK/$name.log"
     local rc=${PIPESTATUS[0]}
     say "-- $name: exit $rc, $(( SECONDS - t0 )) s elapsed"
     return $rc
 }
 nvidia-smi --query-gpu=name,driver_version,power.limit,memory.total --format=csv 2>&1 | tee -a "$LOG"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 
 COMPARE=(python -m profiling compare --modes e2e,simultaneous,sequential --arch "$ARCH"
          --image-size "$IMG" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
          --projector "$PROJ" --device "$DEVICE" --fused on)
-guard compare_default 200 "${COMPARE[@]}" --out "$WORK/compare_default"
-guard learning 190 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" "$WORK/learning" $LEARN_ARGS
-guard bt_bench 75 python -m pytest -q -p no:cacheprovider tests/benchmarks/test_bench_barlow_twins.py \
-    --benchmark-only -k "not fused_cross" --benchmark-columns=median,iqr,rounds \
-    --benchmark-json "$OUT/bt_bench.json"
-guard energy 60 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads
-guard compare_store 150 "${COMPARE[@]}" --out "$WORK/compare_store" -- --no-expander-recompute
-if [ -f "$WORK/compare_default/report.json" ]; then
-    guard independent 90 python scripts/gpu_profile_independent.py \
-        --report "$WORK/compare_default/report.json" --out "$WORK/independent"
-fi
+BENCH=(python -m pytest -q -p no:cacheprovider --benchmark-only
+       --benchmark-columns=median,iqr,rounds)
 
-for r in compare_default compare_store; do
-    [ -f "$WORK/$r/report.md" ] && cp "$WORK/$r/report.md" "$OUT/$r.md"
+for part in $PARTS; do
+    case $part in
+        cuda_tests)
+            guard cuda_tests 150 python -m pytest -q -p no:cacheprovider -x \
+                tests/test_expander_pool_kernel.py tests/test_barlow_twins.py \
+                tests/test_sqrt_pool.py tests/test_expander.py tests/test_trainer.py ;;
+        compare_default)
+            guard compare_default 170 "${COMPARE[@]}" --out "$WORK/compare_default" ;;
+        compare_split)
+            guard compare_split 150 "${COMPARE[@]}" --out "$WORK/compare_split" -- --split-views ;;
+        compare_noexp)
+            guard compare_noexp 130 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
+        compare_store)
+            guard compare_store 150 "${COMPARE[@]}" --out "$WORK/compare_store" \
+                -- --no-expander-recompute ;;
+        independent)
+            if [ -f "$WORK/compare_default/report.json" ]; then
+                guard independent 120 python scripts/gpu_profile_independent.py \
+                    --report "$WORK/compare_default/report.json" --out "$WORK/independent"
+            else
+                say "-- independent: skipped (needs compare_default in the same call)"
+            fi ;;
+        energy)
+            guard energy 75 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads ;;
+        maxbatch)
+            guard maxbatch 200 python -m profiling maxbatch --modes e2e,simultaneous,sequential \
+                --arch "$ARCH" --image-size "$IMG" --projector "$PROJ" --device "$DEVICE" \
+                --fused on --start "$BATCH" --granularity 64 --max-probes 5 --max-batch 4096 \
+                --out "$WORK/maxbatch" -- --precision bf16 ;;
+        bt_bench)
+            guard bt_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_barlow_twins.py \
+                -k "not fused_cross" --benchmark-json "$WORK/bt_bench.json" ;;
+        expander_bench)
+            guard expander_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_expander.py \
+                --benchmark-json "$WORK/expander_bench.json" ;;
+        learning)
+            if [ -z "$DATA" ]; then say "-- learning: skipped (DATA not set)"; continue; fi
+            guard learning 560 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" \
+                "$WORK/learning" $LEARN_ARGS ;;
+    esac
 done
+
 say ""; say "== tables =="
-for r in compare_default compare_store; do
-    [ -f "$WORK/$r/report.md" ] && { say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"; }
+for r in compare_default compare_split compare_noexp compare_store; do
+    if [ -f "$WORK/$r/report.md" ]; then
+        say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
+    fi
 done
-grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL)" "$OUT"/*.log 2>/dev/null | tee -a "$LOG"
+[ -f "$WORK/maxbatch/maxbatch.md" ] && grep '^|' "$WORK/maxbatch/maxbatch.md" | tee -a "$LOG"
+grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL)" "$WORK"/*.log 2>/dev/null | tee -a "$LOG"
 tar czf "$OUT/session.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='*.tmp' . 2>/dev/null
 say "== done in $(( SECONDS - t0 )) s =="

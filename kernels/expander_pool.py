@@ -27,7 +27,10 @@ h to fp32 and runs ~5 fp32 passes forward and ~8 backward, each reading/writing 
 map element.
 * Forward: one program per (image, channel tile) loops over the image's pixels in
   [BLOCK_P, BLOCK_C] tiles, loads coalesced along the contiguous channel axis, accumulates in
-  registers and writes three m x Cout sums; no atomics, so the result is deterministic.
+  registers and writes three m x Cout sums. When that grid is too small to fill the GPU (a few
+  large images per chunk, as at block 1), the pixels are split over several programs that
+  write partial sums (SPLITS x 3 x m x Cout, small) added by PyTorch: no atomics, so the
+  result is deterministic.
 * Backward: one program per (pixel tile, channel tile) over the flattened rows; the image of
   each row picks its row of wsc (a small gather that stays in cache).
 The few Cout- and m x Cout-sized vectors (mu, rstd, gamma, beta, wsc, c0, c1) come in
@@ -36,8 +39,9 @@ precomputed in the accumulation dtype.
 Floor: forward reads the map once (2 bytes per element in bf16); backward reads and writes it
 once (4 bytes per element in bf16), over the device's copy rate. Not measured on a GPU yet.
 
-Non-finite h: a NaN propagates as in the reference (relu keeps it, [a > 0] drops it; the sqrt
-pool's ``where(sum > 0, ...)`` maps a NaN sum to 0, exactly as the reference does).
+Non-finite h: a NaN reaches the same outputs as in the reference (relu keeps it, [a > 0] drops
+it, hhat * [a > 0] keeps it; the sqrt pool's ``where(sum > 0, ...)`` maps a NaN sum to 0, as the
+reference does, while its sa and sb stay NaN).
 """
 from __future__ import annotations
 
@@ -74,10 +78,17 @@ def expander_pool_fwd_ref(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor,
     y = a.clamp_min(0)
     if pool == "avg":
         mask = (a > 0).to(acc)
-        return y.sum(1) / hw, mask.sum(1), (hhat * mask).sum(1)
-    sq = (y * y).sum(1) + eps_pool
-    out = torch.where(sq > 0, sq.clamp_min(0).sqrt(), torch.zeros_like(sq))
-    return out, y.sum(1), (y * hhat).sum(1)
+        return _finish(y.sum(1), hw, pool, eps_pool), mask.sum(1), (hhat * mask).sum(1)
+    return _finish((y * y).sum(1), hw, pool, eps_pool), y.sum(1), (y * hhat).sum(1)
+
+
+def _finish(so: torch.Tensor, hw: int, pool: str, eps_pool: float) -> torch.Tensor:
+    """out from the per-(image, channel) sum of y (avg) or of y^2 (sqrt); 0, not NaN, where
+    the sqrt pool's sum is 0 (its gradient is then 0 as well)."""
+    if pool == "avg":
+        return so / hw
+    sq = so + eps_pool
+    return torch.where(sq > 0, sq.clamp_min(0).sqrt(), torch.zeros_like(sq))
 
 
 def expander_pool_bwd_ref(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor,
@@ -110,14 +121,20 @@ def _expander_pool_fwd_kernel(
     h_ptr,  # (m*hw) x COUT map, contiguous; image i owns rows i*HW .. (i+1)*HW - 1
     mu_ptr, rstd_ptr, g_ptr, b_ptr,  # COUT vectors, accumulation dtype
     out_ptr, sa_ptr, sb_ptr,  # m x COUT outputs, contiguous, accumulation dtype; written once
-    HW, COUT,  # pixels per image, channels
+    # (not FINAL: out_ptr is a SPLITS x 3 x m x COUT buffer of partial sums, the others unused)
+    M, HW, COUT,  # images, pixels per image, channels
+    PPS,  # pixels per split (a multiple of BLOCK_P; HW when the pixels are not split)
     eps_pool,  # sqrt pool: added to every sum of squares
     AVG: tl.constexpr,  # True: average pooling; False: square-root pooling
+    FINAL: tl.constexpr,  # one program per (image, channel tile) sees all pixels: write out/sa/sb
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 maps
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(0)
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
+    p_lo = split * PPS
+    p_hi = tl.minimum(p_lo + PPS, HW)
     cm = cc < COUT
     mu = tl.load(mu_ptr + cc, mask=cm, other=0.0)[None, :]
     rstd = tl.load(rstd_ptr + cc, mask=cm, other=0.0)[None, :]
@@ -127,9 +144,9 @@ def _expander_pool_fwd_kernel(
     acc_o = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)  # avg: sum y;      sqrt: sum y^2
     acc_a = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)  # avg: sum [a>0];  sqrt: sum y
     acc_b = tl.zeros([BLOCK_P, BLOCK_C], dtype=ACC)  # avg: sum hhat [a>0]; sqrt: sum y hhat
-    for p0 in range(0, HW, BLOCK_P):
+    for p0 in range(p_lo, p_hi, BLOCK_P):
         p = (p0 + tl.arange(0, BLOCK_P))[:, None]
-        m = (p < HW) & cm[None, :]
+        m = (p < p_hi) & cm[None, :]
         hv = tl.load(base + p.to(tl.int64) * COUT, mask=m, other=0.0).to(ACC)
         hhat = (hv - mu) * rstd
         a = hhat * g + b
@@ -139,21 +156,27 @@ def _expander_pool_fwd_kernel(
         if AVG:
             acc_o += y
             acc_a += pos.to(ACC)
-            acc_b += tl.where(pos, hhat, 0.0)
+            acc_b += hhat * pos.to(ACC)  # not where(): a NaN hhat gives NaN, as in the ref
         else:
             acc_o += y * y
             acc_a += y
             acc_b += y * hhat
     so = tl.sum(acc_o, axis=0)
-    if AVG:
-        res = so / HW
-    else:
-        sq = so + eps_pool
-        res = tl.where(sq > 0, tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)  # 0 (not NaN) at 0
     o_off = n.to(tl.int64) * COUT + cc
-    tl.store(out_ptr + o_off, res, mask=cm)
-    tl.store(sa_ptr + o_off, tl.sum(acc_a, axis=0), mask=cm)
-    tl.store(sb_ptr + o_off, tl.sum(acc_b, axis=0), mask=cm)
+    if FINAL:  # the same finish as _finish (for split pixels) and the reference
+        if AVG:
+            res = so / HW
+        else:
+            sq = so + eps_pool
+            res = tl.where(sq > 0, tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)  # 0 (not NaN) at 0
+        tl.store(out_ptr + o_off, res, mask=cm)
+        tl.store(sa_ptr + o_off, tl.sum(acc_a, axis=0), mask=cm)
+        tl.store(sb_ptr + o_off, tl.sum(acc_b, axis=0), mask=cm)
+    else:  # partial sums of this split: part[split, k, n, c]
+        k0 = (split * 3).to(tl.int64)
+        tl.store(out_ptr + (k0 * M + n) * COUT + cc, so, mask=cm)
+        tl.store(out_ptr + ((k0 + 1) * M + n) * COUT + cc, tl.sum(acc_a, axis=0), mask=cm)
+        tl.store(out_ptr + ((k0 + 2) * M + n) * COUT + cc, tl.sum(acc_b, axis=0), mask=cm)
 
 
 @triton.jit
@@ -259,16 +282,21 @@ def _tiles(cout: int, tile: int) -> Tuple[int, int]:
 def expander_pool_fwd(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,
                       beta: torch.Tensor, hw: int, pool: str, eps_pool: float = 0.0, *,
                       out: Optional[torch.Tensor] = None, sa: Optional[torch.Tensor] = None,
-                      sb: Optional[torch.Tensor] = None
+                      sb: Optional[torch.Tensor] = None, split: Optional[int] = None
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward sums (out, sa, sb), each m x Cout in the accumulation dtype (module docstring).
 
     h: (m*hw) x Cout, contiguous, fp32/bf16/fp16/fp64, image-major rows. mu, rstd, gamma, beta:
     Cout vectors in the accumulation dtype (fp32; fp64 for an fp64 h). out, sa, sb, if given,
     must be contiguous m x Cout tensors of that dtype (e.g. row slices of a batch-sized
-    buffer); every element is written.
+    buffer); every element is written. ``split``: programs per (image, channel tile), each over
+    a range of the pixels (partial sums, added in a few m x Cout torch ops); None picks it from
+    the grid size and the device (1 off CUDA). A tuning knob; the result does not depend on it
+    beyond the summation order.
     """
     m, cout, acc = _check(h, mu, rstd, gamma, beta, hw, pool)
+    if split is not None and (isinstance(split, bool) or not isinstance(split, int) or split < 1):
+        raise ValueError(f"{_OP}: split must be None (automatic) or a positive int, got {split!r}")
     if isinstance(eps_pool, bool) or not isinstance(eps_pool, (int, float)) or not eps_pool >= 0:
         raise ValueError(f"{_OP}: eps_pool must be a float >= 0, got {eps_pool!r}")
     check_triton_device(_OP, h, mu, rstd, gamma, beta)
@@ -283,13 +311,39 @@ def expander_pool_fwd(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, gam
         return tuple(res)
     bp, bc = _tiles(cout, 2048)
     bp = min(bp, _next_pow2(hw))
-    grid = (m, triton.cdiv(cout, bc))
+    tiles_c, tiles_p = triton.cdiv(cout, bc), triton.cdiv(hw, bp)
+    if split is None:
+        split = _auto_split(h.device, m * tiles_c, tiles_p)
+    pps = triton.cdiv(tiles_p, min(split, tiles_p)) * bp  # pixels per split, whole tiles
+    split = triton.cdiv(hw, pps)  # no empty split
+    final = split == 1
+    # split pixels: deterministic partial sums (no atomics), SPLITS x 3 x m x Cout
+    part = res[0] if final else torch.empty(split, 3, m, cout, dtype=acc, device=h.device)
     with _on_device(h):
-        _expander_pool_fwd_kernel[grid](
-            h, mu, rstd, gamma, beta, *res, hw, cout, float(eps_pool),
-            AVG=pool == "avg", ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        _expander_pool_fwd_kernel[(m, tiles_c, split)](
+            h, mu, rstd, gamma, beta, part, res[1], res[2], m, hw, cout, pps, float(eps_pool),
+            AVG=pool == "avg", FINAL=final,
+            ACC=tl.float64 if acc == torch.float64 else tl.float32,
             BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+    if not final:
+        so, sa_, sb_ = part.sum(0).unbind(0)
+        res[0].copy_(_finish(so, hw, pool, eps_pool))
+        res[1].copy_(sa_)
+        res[2].copy_(sb_)
     return tuple(res)
+
+
+def _auto_split(device: torch.device, programs: int, tiles_p: int) -> int:
+    """Pixel splits so that the forward grid has ~8 programs per SM (a streaming reduction
+    needs many loads in flight), each split keeping at least 4 pixel tiles. 1 off CUDA.
+
+    An estimate, not measured yet: block 1 of ResNet-50 (10 images of 56 x 56 x 2048 per default
+    chunk) has only 10 x 32 (image, channel tile) programs, too few to fill an H100's 132 SMs.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(tiles_p // 4, triton.cdiv(8 * sms, programs)))
 
 
 def expander_pool_bwd(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor,

@@ -156,9 +156,9 @@ def _inputs(m, hw, cout, dtype, device):
     return h, mu, rstd, gamma, beta
 
 
-# (dtype, hw, cout): bf16/fp32 over several channel tiles' worth of pixels; fp64 with two
+# (dtype, hw, cout): fp32/bf16 over 2/3 pixel tiles of 32 (the last one partial); fp64 with two
 # channel tiles and a map smaller than a pixel tile
-LAUNCH = [(torch.float32, 35, 37), (torch.bfloat16, 35, 37), (torch.float64, 9, 130)]
+LAUNCH = [(torch.float32, 35, 37), (torch.bfloat16, 70, 37), (torch.float64, 9, 130)]
 
 
 @pytest.mark.parametrize("pool", ["avg", "sqrt"])
@@ -170,16 +170,20 @@ def test_launchers_match_ref(device, pool, dtype, hw, cout):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     eps_pool = 0.0
     ref = kernels.expander_pool_fwd_ref(h, mu, rstd, gamma, beta, hw, pool, eps_pool)
-    # forward into row slices of NaN-poisoned batch buffers: the slice is written, nothing else
-    bufs = [torch.full((m + 2, cout), float("nan"), dtype=acc, device=device) for _ in range(3)]
-    got = kernels.expander_pool_fwd(h, mu, rstd, gamma, beta, hw, pool, eps_pool,
-                                    out=bufs[0][1:m + 1], sa=bufs[1][1:m + 1],
-                                    sb=bufs[2][1:m + 1])
-    for g, r, buf, name in zip(got, ref, bufs, ("out", "sa", "sb")):
-        _close(g, r, tol, f"fwd {name}")
-        assert g.data_ptr() == buf[1].data_ptr()
-        assert torch.isnan(buf[0]).all() and torch.isnan(buf[-1]).all(), f"{name}: wrote outside"
-        assert torch.all(g[:, :OFF] == 0), f"{name}: channels with a <= 0 everywhere"
+    # forward into row slices of NaN-poisoned batch buffers: the slice is written, nothing else;
+    # the pixels in one program (split 1) or in several (partial sums; more than there are tiles)
+    for split in (1, 2, 8):
+        bufs = [torch.full((m + 2, cout), float("nan"), dtype=acc, device=device)
+                for _ in range(3)]
+        got = kernels.expander_pool_fwd(h, mu, rstd, gamma, beta, hw, pool, eps_pool,
+                                        out=bufs[0][1:m + 1], sa=bufs[1][1:m + 1],
+                                        sb=bufs[2][1:m + 1], split=split)
+        for g, r, buf, name in zip(got, ref, bufs, ("out", "sa", "sb")):
+            _close(g, r, tol, f"fwd split {split} {name}")
+            assert g.data_ptr() == buf[1].data_ptr()
+            assert torch.isnan(buf[0]).all() and torch.isnan(buf[-1]).all(), \
+                f"{name}: wrote outside its rows"
+            assert torch.all(g[:, :OFF] == 0), f"{name}: channels with a <= 0 everywhere"
     assert all(t.dtype == acc and t.shape == (m, cout) for t in kernels.expander_pool_fwd(
         h, mu, rstd, gamma, beta, hw, pool))  # allocated outputs
     # backward: the weights of a real backward (sqrt: p = 0 gives wsc = 0, not 0/0)
@@ -230,6 +234,8 @@ def test_launchers_bad_input(device, monkeypatch):
         fwd(h.double(), mu.double(), rstd, gamma.double(), beta.double(), hw, "avg")
     with pytest.raises(ValueError, match="gamma must be a contiguous vector of Cout=5"):
         fwd(h, mu, rstd, gamma[:4], beta, hw, "avg")
+    with pytest.raises(ValueError, match="split must be None"):
+        fwd(h, *vecs, hw, "avg", split=0)
     with pytest.raises(ValueError, match="eps_pool"):
         fwd(h, *vecs, hw, "sqrt", -1.0)
     with pytest.raises(ValueError, match="sa must be a contiguous 2 x 5"):
@@ -268,3 +274,21 @@ def test_fused_flag_plumbing(calls, monkeypatch):
     for g, w, name in zip(_step(fused, x, gp), _step(ref, x, gp), NAMES):
         assert torch.equal(g, w), name
     assert calls == {"fwd": 0, "bwd": 0}
+
+
+@pytest.mark.parametrize("pool", ["avg", "sqrt"])
+def test_nan_in_h_as_reference(device, pool):
+    """A NaN in the map reaches the same outputs (and dh elements) as in the reference."""
+    m, hw, cout = 2, 6, 8
+    h, mu, rstd, gamma, beta = _inputs(m, hw, cout, torch.float32, device)
+    h[3, 4] = float("nan")  # image 0, channel 4 (ReLU on there)
+    beta[4] = 1.0
+    got = kernels.expander_pool_fwd(h, mu, rstd, gamma, beta, hw, pool)
+    want = kernels.expander_pool_fwd_ref(h, mu, rstd, gamma, beta, hw, pool)
+    for g, w in zip(got, want):
+        assert torch.equal(g.isnan(), w.isnan())
+    assert got[0].isnan().any() == (pool == "avg")  # sqrt: the reference maps a NaN sum to 0
+    wsc = torch.randn(m, cout, device=device)
+    dh = kernels.expander_pool_bwd(h.clone(), mu, rstd, gamma, beta, wsc, None, None, hw, pool)
+    want = kernels.expander_pool_bwd_ref(h, mu, rstd, gamma, beta, wsc, None, None, hw, pool)
+    assert torch.equal(dh.isnan(), want.isnan())

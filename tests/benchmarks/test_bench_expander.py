@@ -34,22 +34,31 @@ ROUNDS = 10
 MIB = 2 ** 20
 
 
-@pytest.fixture(scope="module")
-def rates():
-    """(copy rate in bytes/s counting read + write, bf16 matmul rate in flop/s), measured."""
+def _median_ms(fn) -> float:
     import triton.testing
 
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _copy_rate() -> float:
+    """Device copy rate in bytes/s, counting bytes read plus bytes written (1 GiB each way)."""
     src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    copy = 2 * src.nbytes / (ms * 1e-3)
-    del src, dst
+    return 2 * src.nbytes / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def _matmul_rate() -> float:
+    """bf16 matmul rate in flop/s (8192^3)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ a, warmup=25, rep=200, return_mode="median")
-    mm = 2 * 8192 ** 3 / (ms * 1e-3)
-    del a
+    return 2 * 8192 ** 3 / (_median_ms(lambda: a @ a) * 1e-3)
+
+
+@pytest.fixture(scope="module")
+def rates():
+    """(copy rate, matmul rate), measured once per session; the buffers are freed after."""
+    out = _copy_rate(), _matmul_rate()
     torch.cuda.empty_cache()
-    return copy, mm
+    return out
 
 
 def _head(provider: str, cin: int, cout: int):

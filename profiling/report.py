@@ -421,12 +421,32 @@ def _build_table(title: str, columns, rows: List[Tuple[str, Dict[str, Any], Dict
 
 
 def _md_table(table: dict, footnotes: List[str]) -> str:
-    head = "| run | " + " | ".join(c["label"] for c in table["columns"]) + " |"
-    sep = "|---|" + "|".join("---:" for _ in table["columns"]) + "|"
+    """The table in markdown. A column that is n/a in every row (for one and the same reason) is
+    left out and named in one line under the table instead, so that a pasted table holds only
+    what was measured; the JSON report keeps every column."""
+    rows = table["rows"]
+    kept, dropped = [], {}
+    for c in table["columns"]:
+        reasons = {row["na"].get(c["key"]) or "not measured"
+                   for row in rows if row["cells"].get(c["key"]) is None}
+        if rows and len(reasons) == 1 and all(row["cells"].get(c["key"]) is None for row in rows):
+            reason = reasons.pop()
+            if not c.get("ratio_of"):  # a ratio column goes with its value column
+                dropped.setdefault(reason, []).append(c["label"])
+            if reason not in footnotes:
+                footnotes.append(reason)
+        else:
+            kept.append(c)
+    omitted = "; ".join(f"{', '.join(labels)}: n/a ({_short(reason)})"
+                        for reason, labels in dropped.items())
+    if not kept:
+        return f"Nothing measured here ({omitted})."
+    head = "| run | " + " | ".join(c["label"] for c in kept) + " |"
+    sep = "|---|" + "|".join("---:" for _ in kept) + "|"
     lines = [head, sep]
-    for row in table["rows"]:
+    for row in rows:
         cells = []
-        for c in table["columns"]:
+        for c in kept:
             v = row["cells"].get(c["key"])
             if v is None:
                 reason = row["na"].get(c["key"]) or "not measured"
@@ -436,6 +456,8 @@ def _md_table(table: dict, footnotes: List[str]) -> str:
             else:
                 cells.append(_fmt(v, c["format"]))
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    if omitted:
+        lines += ["", f"Not in this table: {omitted}."]
     return "\n".join(lines)
 
 
@@ -649,7 +671,8 @@ def render_markdown(rep: dict) -> str:
                 ("phases", "## Time per phase"), ("detail", "## Detail")]
     for key, heading in sections:
         t = rep["tables"][key]
-        out += ["", heading, "", f"*{t['title']}*", "", _md_table(t, footnotes)]
+        caption = [] if t["title"] == heading.lstrip("# ") else [f"*{t['title']}*", ""]
+        out += ["", heading, ""] + caption + [_md_table(t, footnotes)]
         if key == "summary":
             out += ["", "![peak memory](peak_memory.png)", "",
                     "![throughput](throughput.png)", "",

@@ -116,12 +116,43 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
     md = open(out / "report.md").read()
     assert "n/a (CPU run)" in md
     summary = md.split("## Summary")[1].split("## Per block")[0]
-    for line in summary.splitlines():
-        if line.startswith("| e2e") or line.startswith("| sequential"):
-            cells = [c.strip() for c in line.split("|")[1:-1]]
-            assert cells[1].startswith("n/a") and cells[9].startswith("n/a"), cells
-            assert "0.00" not in (cells[1], cells[3], cells[9], cells[11])
+    # columns unmeasured in every run are left out of the pasted table and named under it
+    header = next(l for l in summary.splitlines() if l.startswith("| run"))
+    for label in ("peak allocated (GiB)", "energy/pair (J)", "mean power (W)"):
+        assert label not in header, header
+    assert "throughput (pairs/s)" in header and "time/pair (ms)" in header
+    omitted = next(l for l in summary.splitlines() if l.startswith("Not in this table:"))
+    for label in ("peak allocated (GiB)", "energy/pair (J)", "mean power (W)"):
+        assert label in omitted, omitted
+    assert "n/a (CPU run)" in omitted
+    rows = [l for l in summary.splitlines() if l.startswith(("| e2e", "| sequential"))]
+    assert len(rows) == 2
+    for line in rows:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert len(cells) == header.count("|") - 1 and float(cells[1]) > 0, cells
     assert "## Not measured" in md and "device is cpu" in md
+
+
+def test_md_table_keeps_partly_measured_columns():
+    from profiling.report import _md_table
+    cols = [("a", "A (GiB)", "{:.2f}", False), ("b", "B (J)", "{:.2f}", False),
+            ("c", "C (W)", "{:.0f}", False)]
+    table = {"columns": [{"key": k, "label": h, "format": f} for k, h, f, _ in cols], "rows": [
+        {"label": "e2e", "cells": {"a": 1.0, "b": None, "c": None},
+         "na": {"b": "no NVML", "c": "CPU run"}},
+        {"label": "sim", "cells": {"a": 0.5, "b": 2.0, "c": None},
+         "na": {"c": "CPU run"}}]}
+    notes = []
+    md = _md_table(table, notes)
+    head = md.splitlines()[0]
+    assert "A (GiB)" in head and "B (J)" in head and "C (W)" not in head
+    assert "| e2e | 1.00 | n/a (no NVML) |" in md and "| sim | 0.50 | 2.00 |" in md
+    assert md.splitlines()[-1] == "Not in this table: C (W): n/a (CPU run)."
+    assert sorted(notes) == ["CPU run", "no NVML"]
+    table["rows"] = [table["rows"][0]]
+    table["rows"][0]["cells"]["a"] = None
+    table["rows"][0]["na"]["a"] = "CPU run"
+    assert _md_table(table, []).startswith("Nothing measured here (")
 
 
 def test_no_e2e_and_failed_runs(monkeypatch, tmp_path):

@@ -273,8 +273,9 @@ class BlockHead(nn.Module):
             to the feature map's size), then averages over the pooled positions.
         projector: widths joined by '-' ("8192-8192-8192"), or "none".
         fused: square-root pooling through ``kernels.sqrt_pool2d`` (Triton) instead of
-            ``kernels.sqrt_pool2d_ref``; falls back to the reference, with one warning, where the
-            kernel cannot run (CPU without TRITON_INTERPRET) or does not exist.
+            ``kernels.sqrt_pool2d_ref``, and the ExpanderPool's elementwise work through
+            ``kernels.expander_pool_fwd`` / ``_bwd``; both fall back to the PyTorch references
+            where Triton cannot run (CPU without TRITON_INTERPRET; square-root pooling warns once).
         expander_recompute: with an expander and global pooling, expander + pooling run as
             :class:`blockwise.expander.ExpanderPool` (the Cout x H x W map is never stored; same
             parameter names and state dict as the plain ``nn.Sequential``). Window pooling always

@@ -40,8 +40,8 @@ Floor: forward reads the map once (2 bytes per element in bf16); backward reads 
 once (4 bytes per element in bf16), over the device's copy rate. Not measured on a GPU yet.
 
 Non-finite h: a NaN reaches the same outputs as in the reference (relu keeps it, [a > 0] drops
-it, hhat * [a > 0] keeps it; the sqrt pool's ``where(sum > 0, ...)`` maps a NaN sum to 0, as the
-reference does, while its sa and sb stay NaN).
+it, hhat * [a > 0] keeps it; the sqrt pool's output is 0 only where the sum is exactly 0, so a NaN
+sum stays NaN, and so do its sa and sb: a broken map is never hidden behind a 0).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _finish(so: torch.Tensor, hw: int, pool: str, eps_pool: float) -> torch.Tens
     if pool == "avg":
         return so / hw
     sq = so + eps_pool
-    return torch.where(sq > 0, sq.clamp_min(0).sqrt(), torch.zeros_like(sq))
+    return torch.where(sq == 0, torch.zeros_like(sq), sq.sqrt())  # NaN stays NaN
 
 
 def expander_pool_bwd_ref(h: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor,
@@ -168,7 +168,7 @@ def _expander_pool_fwd_kernel(
             res = so / HW
         else:
             sq = so + eps_pool
-            res = tl.where(sq > 0, tl.sqrt(tl.where(sq > 0, sq, 1.0)), 0.0)  # 0 (not NaN) at 0
+            res = tl.where(sq == 0, 0.0, tl.sqrt(tl.where(sq == 0, 1.0, sq)))  # 0 at 0; NaN stays
         tl.store(out_ptr + o_off, res, mask=cm)
         tl.store(sa_ptr + o_off, tl.sum(acc_a, axis=0), mask=cm)
         tl.store(sb_ptr + o_off, tl.sum(acc_b, axis=0), mask=cm)

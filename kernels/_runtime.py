@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -76,3 +78,24 @@ def check_float(op: str, name: str, t: torch.Tensor, allow_fp64: bool = True) ->
     if t.dtype not in valid:
         names = ", ".join(str(d).replace("torch.", "") for d in valid)
         raise TypeError(f"{op}: {name} must be floating point ({names}), got {t.dtype}")
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> the nearest bf16 value (ties to even), kept in fp32.
+
+    Only needed under Triton's interpreter, whose fp32 -> bf16 cast truncates where compiled
+    Triton rounds to nearest even: truncation would double the rounding error that CPU-only CI
+    sees. Rounding the fp32 bits first makes the interpreter's truncating cast exact."""
+    u = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_for_store(v, dst_ptr, RTNE_BF16: tl.constexpr):
+    """v (fp32/fp64) in the dtype of dst_ptr; RTNE_BF16 (set only under the interpreter, for
+    bf16 outputs) rounds to nearest even first, as compiled code does (see round_bf16)."""
+    if RTNE_BF16:
+        v = round_bf16(v)
+    return v.to(dst_ptr.dtype.element_ty)

@@ -52,8 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_float, check_triton_device
-from kernels.sqrt_pool import _cast_for_store
+from kernels._runtime import cast_for_store, check_float, check_triton_device
 
 _OP = "expander_pool"
 POOLS = ("avg", "sqrt")
@@ -189,7 +188,7 @@ def _expander_pool_bwd_kernel(
     AVG: tl.constexpr,  # True: average pooling; False: square-root pooling
     BATCH_STATS: tl.constexpr,  # the statistics depend on h: subtract c0 + hhat*c1
     ACC: tl.constexpr,  # fp32, or fp64 for fp64 maps
-    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels.sqrt_pool._cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -219,7 +218,7 @@ def _expander_pool_bwd_kernel(
         dh = (dhhat - c0 - hhat * c1) * rstd
     else:
         dh = dhhat * rstd
-    tl.store(h_ptr + off, _cast_for_store(dh, h_ptr, RTNE_BF16), mask=m)
+    tl.store(h_ptr + off, cast_for_store(dh, h_ptr, RTNE_BF16), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_float, check_triton_device
+from kernels._runtime import cast_for_store, check_float, check_triton_device
 
 
 def _pair(v, name: str):
@@ -114,21 +114,6 @@ def _tile_ids(TILES_C, TILES_H, TILES_W):
 
 
 @triton.jit
-def _cast_for_store(v, dst_ptr, RTNE_BF16: tl.constexpr):
-    """v (fp32/fp64) in the dtype of dst_ptr.
-
-    RTNE_BF16 is set only under Triton's interpreter for bf16 outputs: the interpreter truncates
-    fp32 -> bf16 where compiled Triton rounds to nearest even, which would double the rounding
-    error that CPU-only CI sees. Rounding the fp32 bits first makes the truncation exact.
-    """
-    if RTNE_BF16:
-        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dst_ptr.dtype.element_ty)
-
-
-@triton.jit
 def _flat_row_col(q, INV_COLS, COLS):
     """(q // COLS, q % COLS) for 0 <= q < 2**21 without an integer division.
 
@@ -152,7 +137,7 @@ def _sqrt_pool_fwd_kernel(
     INV_OW,  # 1 / OW in fp32 (FLAT only)
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     FLAT: tl.constexpr,  # NCHW only: tile [planes, BLOCK_W flattened output pixels]
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
@@ -189,7 +174,7 @@ def _sqrt_pool_fwd_kernel(
             v = tl.load(x_base + h * sxh + w * sxw, mask=m, other=0.0).to(ACC)
             acc += v * v
     y = tl.sqrt(acc + eps)  # acc + eps >= 0 (eps >= 0 is checked by the launcher)
-    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16), mask=out_mask)
+    tl.store(y_ptr + y_off, cast_for_store(y, y_ptr, RTNE_BF16), mask=out_mask)
 
 
 @triton.jit
@@ -206,7 +191,7 @@ def _sqrt_pool_bwd_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     NH: tl.constexpr, NW: tl.constexpr,  # ceil(KH / SH), ceil(KW / SW): windows per input and axis
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     FLAT: tl.constexpr,  # NCHW only: tile [planes, BLOCK_W flattened input pixels]
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
@@ -247,7 +232,7 @@ def _sqrt_pool_bwd_kernel(
             # y == 0 only for an all-zero window with eps == 0: its gradient is 0, never NaN
             pos = yv > 0
             g += tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
-    tl.store(dx_ptr + x_off, _cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=in_mask)
+    tl.store(dx_ptr + x_off, cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=in_mask)
 
 
 @triton.jit
@@ -261,7 +246,7 @@ def _sqrt_pool_fwd_pair_kernel(
     # compiler then knows each row's alignment and vectorizes the row loads
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,  # column stride is 2, KW is 2 or 3
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """NCHW, column stride 2: tile [planes, output rows, output cols]. Output column j covers
@@ -293,7 +278,7 @@ def _sqrt_pool_fwd_pair_kernel(
             acc += v3 * v3
     y = tl.sqrt(acc + eps)
     y_off = c.to(tl.int64) * (OH * OW) + oh * OW + j
-    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16),
+    tl.store(y_ptr + y_off, cast_for_store(y, y_ptr, RTNE_BF16),
              mask=cm & (oh < OH) & (j < OW))
 
 
@@ -309,7 +294,7 @@ def _sqrt_pool_bwd_pair_kernel(
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr,  # column stride is 2, KW is 2 or 3
     NH: tl.constexpr,  # ceil(KH / SH): windows per input along rows
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """NCHW, column stride 2: tile [planes, input rows, column pairs (2j, 2j+1)]. Both columns
@@ -354,7 +339,7 @@ def _sqrt_pool_bwd_pair_kernel(
             pos = yv > 0
             ge += tl.where(pos, dyv / tl.where(pos, yv, 1.0), 0.0)
     dxv = tl.reshape(tl.join(xe * ge, xo * go), [BLOCK_C, BLOCK_H, 2 * BLOCK_P])
-    tl.store(dx_ptr + x_off, _cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=xm)
+    tl.store(dx_ptr + x_off, cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=xm)
 
 
 @triton.jit
@@ -377,7 +362,7 @@ def _sqrt_pool_bwd_quad_kernel(
     H: tl.constexpr, W: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,  # as in the forward
     KH: tl.constexpr, KW: tl.constexpr,  # 2 or 3 each; the stride is 2 x 2
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """NCHW, stride 2 x 2: tile [planes, row pairs r, column pairs j]. Window (r, j) owns input
@@ -425,7 +410,7 @@ def _sqrt_pool_bwd_quad_kernel(
         else:
             dxv = tl.join(xe * g_even_col, xo * g)
         dxv = tl.reshape(dxv, [BLOCK_C, BLOCK_R, 2 * BLOCK_P])
-        tl.store(dx_ptr + off, _cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=m)
+        tl.store(dx_ptr + off, cast_for_store(dxv, dx_ptr, RTNE_BF16), mask=m)
 
 
 @triton.jit
@@ -437,7 +422,7 @@ def _sqrt_pool_global_fwd_kernel(
     syn, syc,  # strides of y
     eps,  # added to every sum of squares (fp32 scalar)
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -454,7 +439,7 @@ def _sqrt_pool_global_fwd_kernel(
         acc += v * v
     y = tl.sqrt(tl.sum(acc, axis=1) + eps)
     y_off = n.to(tl.int64) * syn + cc.to(tl.int64) * syc
-    tl.store(y_ptr + y_off, _cast_for_store(y, y_ptr, RTNE_BF16), mask=cc < PLANES)
+    tl.store(y_ptr + y_off, cast_for_store(y, y_ptr, RTNE_BF16), mask=cc < PLANES)
 
 
 @triton.jit
@@ -467,7 +452,7 @@ def _sqrt_pool_global_bwd_kernel(
     sxn, sxc, sxp,  # strides of x and dx
     syn, syc,  # strides of y and dy
     ACC: tl.constexpr,  # accumulator dtype: fp32, or fp64 for fp64 inputs
-    RTNE_BF16: tl.constexpr,  # interpreter only: see _cast_for_store
+    RTNE_BF16: tl.constexpr,  # interpreter only: see kernels._runtime.cast_for_store
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n, tc, _unused, tp = _tile_ids(tl.cdiv(PLANES, BLOCK_C), 1, tl.cdiv(HW, BLOCK_P))
@@ -482,7 +467,7 @@ def _sqrt_pool_global_bwd_kernel(
     m = cm & (p < HW)
     x_off = n.to(tl.int64) * sxn + c.to(tl.int64) * sxc + p * sxp
     xv = tl.load(x_ptr + x_off, mask=m, other=0.0).to(ACC)
-    tl.store(dx_ptr + x_off, _cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=m)
+    tl.store(dx_ptr + x_off, cast_for_store(xv * g, dx_ptr, RTNE_BF16), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------

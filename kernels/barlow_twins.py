@@ -183,10 +183,23 @@ def _operand(x, OP: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _round_tf32(x):
+    """fp32 -> tf32 value (10 explicit mantissa bits), kept in fp32, by truncation. Only for
+    Triton's interpreter (3.8), whose tl.dot ignores input_precision="tf32" and multiplies fp32
+    operands exactly; compiled Triton hands the fp32 bits to the tensor cores, which ignore the
+    low 13 mantissa bits (no round-to-nearest step: triton-lang/triton#4574)."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u >> 13) << 13
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _to_output(x, out_ptr, EMU_BF16: tl.constexpr):
-    """Cast for the store into out_ptr's dtype, rounding to nearest (see _round_bf16)."""
+    """Cast for the store into out_ptr's dtype, rounding to nearest (see _round_bf16) when that
+    dtype is bf16 (EMU_BF16 is set for bf16 inputs; some of their buffers are fp32)."""
     if EMU_BF16:
-        x = _round_bf16(x.to(tl.float32))
+        if out_ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16(x.to(tl.float32))
     return x.to(out_ptr.dtype.element_ty)
 
 
@@ -322,19 +335,33 @@ def _bt_normalize_kernel(
 
 
 @triton.jit
-def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, slot, ti, tj, rows, cols, rmask, cmask,
-                N, coef, inv_gscale, SYM: tl.constexpr, EMU_BF16: tl.constexpr):
+def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, dga_ptr, dgb_ptr, part_ptr, slot, ti, tj, rows,
+                cols, rmask, cmask, N, row0, coef, inv_gscale, SYM: tl.constexpr,
+                SPLIT_DIAG: tl.constexpr, EMU_BF16: tl.constexpr):
     """Store a tile of G_a / gscale and G_b / gscale in the storage dtype (and its mirror image
     when SYM and off the diagonal), and the tile's loss partial coef * w * sum(G_a * G_b) from the
-    fp32 accumulators (w = 2 for a mirrored tile)."""
+    fp32 accumulators (w = 2 for a mirrored tile). SPLIT_DIAG: the diagonal entries (global row
+    row0 + rows == column) go to dga, dgb (accumulator dtype, indexed by local row) and are stored
+    as zeros in G (module docstring, Numerics); the loss partial above still uses them."""
     w = 1.0
     if SYM:
         w = 1.0 + (ti != tj).to(tl.float32)
     tl.store(part_ptr + slot, coef * w * tl.sum(tl.sum(acc_a * acc_b, 1), 0))
     m = rmask[:, None] & cmask[None, :]
     o = rows[:, None].to(tl.int64) * N + cols[None, :]
-    sa = _to_output(acc_a * inv_gscale, ga_ptr, EMU_BF16)
-    sb = _to_output(acc_b * inv_gscale, gb_ptr, EMU_BF16)
+    ea = acc_a * inv_gscale
+    eb = acc_b * inv_gscale
+    if SPLIT_DIAG:
+        # each row's diagonal entry lies in exactly one tile (under SYM: a ti == tj tile, never
+        # a mirrored one), so every valid row of dga, dgb is written once
+        on = (row0 + rows)[:, None] == cols[None, :]
+        dm = rmask & (tl.sum(on.to(tl.int32), 1) > 0)
+        tl.store(dga_ptr + rows, tl.sum(tl.where(on, ea, 0.0), 1), mask=dm)
+        tl.store(dgb_ptr + rows, tl.sum(tl.where(on, eb, 0.0), 1), mask=dm)
+        ea = tl.where(on, 0.0, ea)
+        eb = tl.where(on, 0.0, eb)
+    sa = _to_output(ea, ga_ptr, EMU_BF16)
+    sb = _to_output(eb, gb_ptr, EMU_BF16)
     tl.store(ga_ptr + o, sa, mask=m)
     tl.store(gb_ptr + o, sb, mask=m)
     if SYM:
@@ -349,12 +376,14 @@ def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, slot, ti, tj, rows, cols
 def _bt_gram_fwd_kernel(
     a_ptr, b_ptr,         # [N, D] a = BN(z1), b = BN(z2) of the global batch, input dtype
     ga_ptr, gb_ptr,       # [R, N] out (not SPLIT): rows row0.. of a a^T / gscale, b b^T / gscale
+                          # (zero diagonal when SPLIT_DIAG)
+    dga_ptr, dgb_ptr,     # SPLIT_DIAG, not SPLIT: [R] out their diagonals, accumulator dtype
     part_ptr,             # not SPLIT: [tiles] out loss partials. SPLIT: [splits, tiles, 2, BM, BM]
                           # out fp32 partial tiles (summed by _bt_gram_reduce_kernel)
     R, N, D, row0, k_split, n_tiles, coef, inv_gscale,
     SYM: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
     BK: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-    PREC: tl.constexpr, EMU_BF16: tl.constexpr,
+    PREC: tl.constexpr, SPLIT_DIAG: tl.constexpr, EMU_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -392,17 +421,19 @@ def _bt_gram_fwd_kernel(
         tl.store(part_ptr + base + o, acc_a)
         tl.store(part_ptr + base + BM * BM + o, acc_b)
     else:
-        _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rmask, cmask,
-                    N, coef, inv_gscale, SYM, EMU_BF16)
+        _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, dga_ptr, dgb_ptr, part_ptr, pid, ti, tj, rows,
+                    cols, rmask, cmask, N, row0, coef, inv_gscale, SYM, SPLIT_DIAG, EMU_BF16)
 
 
 @triton.jit
 def _bt_gram_reduce_kernel(
     split_ptr,            # [splits, tiles, 2, BM, BM] fp32 partial tiles from _bt_gram_fwd_kernel
     ga_ptr, gb_ptr,       # [R, N] out: G_a / gscale, G_b / gscale rows of this rank
+    dga_ptr, dgb_ptr,     # SPLIT_DIAG: [R] out their diagonals (the full sums over D)
     part_ptr,             # [tiles] out: loss partials
-    R, N, n_tiles, n_split, coef, inv_gscale,
-    SYM: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr, EMU_BF16: tl.constexpr,
+    R, N, row0, n_tiles, n_split, coef, inv_gscale,
+    SYM: tl.constexpr, BM: tl.constexpr, ACC: tl.constexpr, SPLIT_DIAG: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     ti, tj = _tile_coords(pid, tl.cdiv(N, BM), SYM)
@@ -416,8 +447,8 @@ def _bt_gram_reduce_kernel(
         acc_b += tl.load(split_ptr + base + BM * BM + o)
     rows = ti * BM + ar
     cols = tj * BM + ar
-    _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, part_ptr, pid, ti, tj, rows, cols, rows < R,
-                cols < N, N, coef, inv_gscale, SYM, EMU_BF16)
+    _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, dga_ptr, dgb_ptr, part_ptr, pid, ti, tj, rows, cols,
+                rows < R, cols < N, N, row0, coef, inv_gscale, SYM, SPLIT_DIAG, EMU_BF16)
 
 
 @triton.jit
@@ -427,6 +458,7 @@ def _bt_gram_bwd_kernel(
     mean_ptr, rstd_ptr,   # [2, D] batch statistics
     d_ptr,                # [D] diagonal of C
     ga_ptr, gb_ptr,       # [R, N] G_a / gscale, G_b / gscale of this rank's rows (side 0 reads gb)
+    dga_ptr, dgb_ptr,     # SPLIT_DIAG: [R] their diagonals (accumulator dtype; G holds zeros there)
     gl_ptr,               # [] upstream gradient of the loss
     g_ptr,                # not FINAL: [sides, R, DC] out pre-BatchNorm gradient, columns col0..
     s2_ptr,               # not FINAL: [2, TR, D] out per-row-tile sums of g * x
@@ -435,7 +467,8 @@ def _bt_gram_bwd_kernel(
     c_diag, c_off, lambd, gscale,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GOP: tl.constexpr,
     UPCAST: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, FINAL: tl.constexpr,
-    EVEN_N: tl.constexpr, EMU_BF16: tl.constexpr,
+    EVEN_N: tl.constexpr, SPLIT_DIAG: tl.constexpr, EMU_TF32: tl.constexpr,
+    EMU_BF16: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -446,11 +479,13 @@ def _bt_gram_bwd_kernel(
         y_ptr = z2_ptr
         xk_ptr = xa_ptr
         gy_ptr = gb_ptr
+        dgy_ptr = dgb_ptr
     else:
         x_ptr = z2_ptr
         y_ptr = z1_ptr
         xk_ptr = xb_ptr
         gy_ptr = ga_ptr
+        dgy_ptr = dga_ptr
     rows = pid_r * BM + tl.arange(0, BM)
     rmask = rows < R
     zrows = row0 + rows
@@ -468,8 +503,12 @@ def _bt_gram_bwd_kernel(
             mk = (ks < N)[:, None] & cmask[None, :]
         gt = tl.load(pg + ks[None, :], mask=mg, other=0.0)
         xk = tl.load(xk_ptr + ks[:, None].to(tl.int64) * D + cols[None, :], mask=mk, other=0.0)
-        acc = tl.dot(_operand(gt, GOP, UPCAST), _operand(xk, GOP, UPCAST), acc,
-                     input_precision=PREC, out_dtype=ACC)
+        go = _operand(gt, GOP, UPCAST)
+        xo = _operand(xk, GOP, UPCAST)
+        if EMU_TF32:
+            go = _round_tf32(go)
+            xo = _round_tf32(xo)
+        acc = tl.dot(go, xo, acc, input_precision=PREC, out_dtype=ACC)
     gl = tl.load(gl_ptr).to(ACC)
     dv = tl.load(d_ptr + cols, mask=cmask, other=0.0)
     v = 2.0 * (1.0 - lambd) * dv - 2.0
@@ -481,6 +520,11 @@ def _bt_gram_bwd_kernel(
     o = zrows[:, None].to(tl.int64) * D + cols[None, :]
     yv = tl.where(m2, (tl.load(y_ptr + o, mask=m2, other=0.0).to(ACC) - my[None, :]) * ry[None, :], 0.0)
     xv = tl.where(m2, (tl.load(x_ptr + o, mask=m2, other=0.0).to(ACC) - mx[None, :]) * rx[None, :], 0.0)
+    if SPLIT_DIAG:
+        # G_y's diagonal term, kept out of the GEMM: its fp32 value times the fp32 BN(z) row
+        # (the large part of G_y x that the BatchNorm projection removes again: module docstring)
+        dgy = tl.load(dgy_ptr + rows, mask=rmask, other=0.0)
+        acc += dgy[:, None] * xv
     g = gl * (c_diag * yv * v[None, :] + (c_off * gscale) * acc)
     g = tl.where(m2, g, 0.0)
     if FINAL:
@@ -661,6 +705,9 @@ _PANEL_BYTES = 16 << 20         # cross backward: one row panel of m(C)
 _STATS_BLOCK_D = 64
 _STATS_WRITE_MAX_ROWS = 512     # up to here the stats kernel also writes a, b (one launch less)
 _FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
+# Gram: G stored with a zero diagonal, the diagonal kept in fp32 and applied to the fp32 BN(z) in
+# the backward epilogue (module docstring, Numerics). False only to measure the old numerics.
+_SPLIT_DIAG = True
 _EW_BLOCK = (64, 128) if INTERPRETER else (32, 128)  # normalise / finalise tiles (BM, BN)
 
 
@@ -679,6 +726,7 @@ class _Precision:
     upcast: bool             # interpreter: forward bf16 operands multiplied in fp32 (_operand)
     emu_bf16: bool           # interpreter: round-to-nearest emulated for bf16 stores
     torch_acc: torch.dtype
+    gemu_tf32: bool = False  # interpreter: tf32 backward Gram dot operands emulated (_round_tf32)
 
 
 @functools.lru_cache(maxsize=None)
@@ -701,7 +749,8 @@ def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Pre
     # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands);
     # cross backward: fp32 m(C) against BN(z) in fp32, IEEE (tf32 was measured too coarse)
     return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gstore, gstore != torch.float32, gop,
-                      gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32)
+                      gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32,
+                      INTERPRETER and grad_precision == "tf32")
 
 
 _SM_COUNT: Dict[int, int] = {}
@@ -918,6 +967,8 @@ class _State:
     pr: _Precision
     ab: Optional[torch.Tensor] = None                     # [2, N, D] BN(z1), BN(z2), if kept
     gram: Optional[List[Optional[torch.Tensor]]] = None   # [G_a, G_b], released by backward
+    gdiag: Optional[torch.Tensor] = None                  # [2, R] diagonals of G_a, G_b
+    split_diag: bool = True                               # G stored without its diagonal
     s2: Optional[torch.Tensor] = None                     # cross: [2, D]
     extra: dict = field(default_factory=dict)
 
@@ -967,7 +1018,8 @@ def _normalized(st: _State) -> torch.Tensor:
 
 
 def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None):
-    """G_a / gscale, G_b / gscale of this rank's rows; per-tile loss partials into part."""
+    """G_a / gscale, G_b / gscale of this rank's rows (zero diagonal when st.split_diag) and
+    their diagonals ([2, R], accumulator dtype); per-tile loss partials into part."""
     pr = st.pr
     n, d = st.z1.shape
     r = st.rows
@@ -975,27 +1027,30 @@ def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None)
     plan = _gram_fwd_plan(n, r, d, st.z1.dtype, _sm_count(dev))
     ga = _empty((r, n), dev, pr.gstore)
     gb = _empty((r, n), dev, pr.gstore)
+    gdiag = _empty((2, r), dev, pr.torch_acc)
     if part is None:
         part = _empty(plan.tiles, dev, pr.torch_acc)
     coef = st.scale * st.lambd / (n * n)
     inv_gscale = 1.0 / d if pr.gscale else 1.0
     consts = dict(SYM=plan.sym, EVEN_K=d % plan.bk == 0, BM=plan.bm, BK=plan.bk, OP=pr.op,
-                  UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, EMU_BF16=pr.emu_bf16)
+                  UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, SPLIT_DIAG=st.split_diag,
+                  EMU_BF16=pr.emu_bf16)
     if plan.split == 1:
-        _launch(_bt_gram_fwd_kernel, (plan.tiles, 1), ab[0], ab[1], ga, gb, part, r, n, d,
-                st.row0, plan.k_split, plan.tiles, coef, inv_gscale, SPLIT=False,
+        _launch(_bt_gram_fwd_kernel, (plan.tiles, 1), ab[0], ab[1], ga, gb, gdiag[0], gdiag[1],
+                part, r, n, d, st.row0, plan.k_split, plan.tiles, coef, inv_gscale, SPLIT=False,
                 num_warps=plan.warps, num_stages=plan.stages, **consts)
     else:
         partial = _empty((plan.split, plan.tiles, 2, plan.bm, plan.bm), dev, pr.torch_acc)
-        _launch(_bt_gram_fwd_kernel, (plan.tiles, plan.split), ab[0], ab[1], ga, gb, partial,
-                r, n, d, st.row0, plan.k_split, plan.tiles, coef, inv_gscale, SPLIT=True,
-                num_warps=plan.warps, num_stages=plan.stages, **consts)
-        _launch(_bt_gram_reduce_kernel, (plan.tiles,), partial, ga, gb, part, r, n, plan.tiles,
-                plan.split, coef, inv_gscale, SYM=plan.sym, BM=plan.bm, ACC=pr.acc,
-                EMU_BF16=pr.emu_bf16, num_warps=4, num_stages=1)
+        _launch(_bt_gram_fwd_kernel, (plan.tiles, plan.split), ab[0], ab[1], ga, gb, gdiag[0],
+                gdiag[1], partial, r, n, d, st.row0, plan.k_split, plan.tiles, coef, inv_gscale,
+                SPLIT=True, num_warps=plan.warps, num_stages=plan.stages, **consts)
+        _launch(_bt_gram_reduce_kernel, (plan.tiles,), partial, ga, gb, gdiag[0], gdiag[1], part,
+                r, n, st.row0, plan.tiles, plan.split, coef, inv_gscale, SYM=plan.sym, BM=plan.bm,
+                ACC=pr.acc, SPLIT_DIAG=st.split_diag, EMU_BF16=pr.emu_bf16, num_warps=4,
+                num_stages=1)
         del partial
     st.extra["gram_split"] = plan.split
-    return ga, gb
+    return ga, gb, gdiag
 
 
 def _cross_fwd(st: _State, ab: torch.Tensor):
@@ -1046,9 +1101,10 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     parts = _empty(ns + gtiles, dev, pr.torch_acc)
     ab = _empty((2, n, d), dev, z1.dtype)  # a = BN(z1), b = BN(z2): the GEMM operands
     mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts, ab)
-    st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, pr)
+    st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, pr,
+                split_diag=_SPLIT_DIAG)
     if method == "gram":
-        ga, gb = _gram_fwd(st, ab, parts[ns:])
+        ga, gb, gdiag = _gram_fwd(st, ab, parts[ns:])
         if dd.active:
             import torch.distributed as dist
             mine = parts[ns:].sum()
@@ -1058,6 +1114,7 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
             loss = parts.sum()
         if keep_for_backward:
             st.gram = [ga, gb]
+            st.gdiag = gdiag
             if not dd.active and rows <= _FINAL_MAX_ROWS:
                 st.ab = ab  # small: the one-kernel backward reads it (otherwise recomputed)
             elif not dd.active and all(need) and _reuse_ab(n, d, z1.dtype, pr):
@@ -1079,9 +1136,10 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     r = st.rows
     dev = z1.device
     if st.gram is None:  # a second backward through a retained graph: recompute the grams
-        st.gram = list(_gram_fwd(st, _normalized(st)))
-    gram = st.gram
-    st.gram = None  # released below as soon as each is no longer needed
+        ga, gb, st.gdiag = _gram_fwd(st, _normalized(st))
+        st.gram = [ga, gb]
+    gram, gdiag = st.gram, st.gdiag
+    st.gram = st.gdiag = None  # released below as soon as each is no longer needed
     c_diag = st.scale / n
     c_off = 2.0 * st.scale * st.lambd / (n * n)
     gscale = float(d) if pr.gscale else 1.0
@@ -1089,7 +1147,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     sides = [s for s in (0, 1) if need[s]]
     dz: List[Optional[torch.Tensor]] = [None, None]
     common = dict(GOP=pr.gop, UPCAST=pr.gupcast, ACC=pr.acc, PREC=pr.gprec,
-                  EMU_BF16=pr.emu_bf16)
+                  SPLIT_DIAG=st.split_diag, EMU_TF32=pr.gemu_tf32, EMU_BF16=pr.emu_bf16)
     if not st.dist.active and r <= _FINAL_MAX_ROWS:
         # small batch: one row tile covers it, the kernel finishes dz itself (one launch)
         ab = _normalized(st)
@@ -1100,10 +1158,11 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         out1 = dz[0] if dz[0] is not None else dz[1]
         out2 = dz[1] if dz[1] is not None else dz[0]
         _launch(_bt_gram_bwd_kernel, (1, triton.cdiv(d, cfg["BN"]), len(sides)), z1, z2, ab[0],
-                ab[1], st.mean, st.rstd, st.d, gram[0], gram[1], gl, out1, out1, out1, out2, r,
-                n, d, st.row0, 0, d, sides[0], 1, c_diag, c_off, st.lambd, gscale, BM=cfg["BM"],
-                BN=cfg["BN"], BK=cfg["BK"], FINAL=True, EVEN_N=n % cfg["BK"] == 0,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+                ab[1], st.mean, st.rstd, st.d, gram[0], gram[1], gdiag[0], gdiag[1], gl, out1,
+                out1, out1, out2, r, n, d, st.row0, 0, d, sides[0], 1, c_diag, c_off, st.lambd,
+                gscale, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], FINAL=True,
+                EVEN_N=n % cfg["BK"] == 0, num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"], **common)
         return dz
     cfg = _gram_bwd_cfg(z1.dtype)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
@@ -1150,10 +1209,10 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         for col0 in range(0, d, dc):
             ncols = min(dc, d - col0)
             _launch(_bt_gram_bwd_kernel, (tr, triton.cdiv(ncols, bn), ns), z1, z2, xa, xb,
-                    st.mean, st.rstd, st.d, ga, gb, gl, scratch, s2, out1, out2, r, n, d,
-                    st.row0, col0, dc, side0, tr, c_diag, c_off, st.lambd, gscale, BM=bm, BN=bn,
-                    BK=bk, FINAL=False, EVEN_N=n % bk == 0, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"], **common)
+                    st.mean, st.rstd, st.d, ga, gb, gdiag[0], gdiag[1], gl, scratch, s2, out1,
+                    out2, r, n, d, st.row0, col0, dc, side0, tr, c_diag, c_off, st.lambd, gscale,
+                    BM=bm, BN=bn, BK=bk, FINAL=False, EVEN_N=n % bk == 0,
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
             if st.dist.active:
                 import torch.distributed as dist
                 red = s2[:, :, col0:col0 + ncols].sum(1)

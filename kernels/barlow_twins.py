@@ -39,9 +39,10 @@ N=256, D=8192)
    ``_bt_gram_reduce_kernel`` sums the split partials, with no atomics, so results are
    deterministic). Tile size and split come from a wave-quantisation model (``_gram_fwd_plan``).
    The epilogue writes the per-tile <G_a, G_b> partial of the loss from the fp32 accumulators and
-   stores G / D in the input dtype (D keeps fp16 in range); the loss is one sum over the partials
-   of kernels 1 and 2.
-3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b) and the pre-BN gradient g. When one row tile
+   stores G / D in the input dtype (D keeps fp16 in range) with a zero diagonal, the diagonal going
+   to a [2, R] vector in fp32 (Numerics); the loss is one sum over the partials of kernels 1 and 2.
+3. ``_bt_gram_bwd_kernel``: W = G_b a (and G_a b; the GEMM skips the diagonal, which the
+   epilogue adds in fp32) and the pre-BN gradient g. When one row tile
    holds the whole batch (N <= 256) the BatchNorm backward's column sum s2 is complete inside the
    program and the kernel writes dz directly: one launch for the whole backward. Otherwise it
    writes g to the fp32 scratch and per-row-tile partial sums of g * x, and
@@ -62,30 +63,54 @@ for the backward when N <= 256, where it is small, and when 256 < N <= D / 8 wit
 wanted: then it *is* dz1, dz2 (``_reuse_ab``), which saves the backward's BatchNorm launch for
 the price of holding it from forward to backward and a peak higher by one G). The epilogues
 still recompute BN(z) from z in fp32, so only the GEMM operands are rounded.
-Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D) and
-G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair of
-GEMMs instead of a recomputation of the forward). When the two sides are processed one after the
-other (large N), G_b is released as soon as dz1 is done and dz2 is allocated only then: the peak
-is max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch chunk (G_a + G_b + dz1 + dz2 + one
-chunk when the forward's a, b are reused).
+Saved for backward: the inputs (references, no copy), mean and rstd (2 x D each), d (D),
+G_a / D, G_b / D (two N x N buffers in the input dtype; they are what makes the backward a pair
+of GEMMs instead of a recomputation of the forward) and their diagonals (2 x N, fp32). When the two
+sides are processed one after the other (large N), G_b is released as soon as dz1 is done and
+dz2 is allocated only then: the peak is max(G_a + G_b + dz1, G_a + dz1 + dz2) + one scratch
+chunk (G_a + G_b + dz1 + dz2 + one chunk when the forward's a, b are reused).
 
 Numerics
 --------
 All accumulation is fp32 (fp64 for fp64 inputs), the loss is returned in fp32 (fp64 for fp64).
 Dot operands: a, b and G / D in the input dtype (bf16/fp16); fp32 inputs use IEEE fp32 dots
-(not tf32: torch's own fp32 matmul does not use tf32 by default either) and fp32 G. Measured on
-the H100 against a float64 reference, bf16 inputs, D=8192, N in {256, 1024, 2048}: loss relative
-error <= 1.1e-6 and gradient relative error <= 1.71e-3 on independent random views (the bf16
-rounding of the exact gradient alone is 1.66e-3; eager bf16 autocast: 3.4e-3), fp32 inputs
-5.9e-8 / 1.4e-7 (N=256). The Gram gradient is a difference of two large terms when the views are
-strongly correlated (C near the identity: (1/N) b v ~ -(2 lambd / N) b and
-(2 lambd / N^2) G_b a ~ +(2 lambd / N) b), so operand rounding in G_b a is amplified there: at
-correlation 0.9 the gradient error is 7.8e-3 / 2.9e-3 / 2.1e-3 (eager autocast 1.2e-2; loss
-error <= 4e-5). ``barlow_twins_fwd(..., grad_precision="tf32")`` keeps G in fp32 and runs those
-dots in tf32 (5.6e-3 / 2.4e-3 / 1.9e-3), at 1.7x the backward GPU time at N=2048. The cross
-backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was measured at 3.6x
-the fp16 reference's error (IEEE made the cross method about 6x slower at D=8192: 9.4 -> 54 ms
-at N=256; it is not what "auto" picks there).
+(not tf32: torch's own fp32 matmul does not use tf32 by default either) and fp32 G.
+``barlow_twins_fwd(..., grad_precision="tf32")`` keeps G in fp32 and runs the backward Gram dots
+in tf32, at 1.7x the backward GPU time at N=2048 (H100, before the diagonal split below).
+
+G's diagonal is kept out of the backward GEMM. With strongly correlated views (as in training)
+the gradient is a small remainder. G_b a = N b C is small next to its diagonal part G_nn a_n (a
+factor ||b_n||^2 ~ D against about N), which the off-diagonal part cancels almost entirely, and
+most of what survives lies along a's columns, which the BatchNorm projection removes. The bf16
+rounding of G_nn and a_n in that term (an error of about 2^-9 D |a_n| per row) was therefore
+amplified, while the off-diagonal entries' rounding errors are random over the batch and add up
+to about 2^-9 sqrt(N D) |a| only. So the forward epilogue stores G with a zero diagonal and
+writes the diagonal (the accumulator values scaled like G) to an fp32 [2, R] buffer (fp64 for
+fp64), and the backward epilogue adds diag_n * BN(z)_n with BN(z) recomputed from z in fp32, in
+every path (one kernel; scratch + finalise; the row blocks of DDP, where row n's entry is at
+column row0 + n), at no extra launch. The loss partial is read from the accumulators before the
+store: the loss is unchanged. fp32 / fp64 inputs, whose G and a are not rounded, change only in
+rounding order.
+
+Measured on the H100 (before the diagonal split) against a float64 reference, bf16 inputs,
+D=8192, N in {256, 1024, 2048}: loss relative error <= 1.1e-6 and gradient relative error
+<= 1.71e-3 on independent random views (the bf16 rounding of the exact gradient alone is
+1.66e-3; eager bf16 autocast: 3.4e-3), fp32 inputs 5.9e-8 / 1.4e-7 (N=256); at correlation 0.9
+(z2 = 0.9 z1 + 0.44 noise) the gradient error was 7.8e-3 / 2.9e-3 / 2.1e-3
+(grad_precision="tf32": 5.6e-3 / 2.4e-3 / 1.9e-3; eager autocast 1.2e-2; loss error <= 4e-5). With the split, measured on CPU
+only, under TRITON_INTERPRET=1 (triton 3.8; this module emulates there the round-to-nearest bf16
+stores and, in "tf32" mode, the truncation of the backward dot operands to tf32; with the split
+disabled it gives 7.66e-3 / 5.48e-3 for the H100's 7.8e-3 / 5.6e-3), N=256, D=8192: at
+correlation 0.9 the gradient error goes from 7.66e-3 to 2.49e-3 ("input") and from 5.48e-3 to
+2.33e-3 ("tf32"); on independent views from 1.71e-3 / 1.69e-3 to 1.66e-3 / 1.66e-3 (the rounding
+alone: 1.66e-3); loss error 1.1e-5 / 3.3e-6, unchanged (docs/performance.md has the command).
+Not yet measured on a GPU. What remains at correlation 0.9 is the bf16 rounding of the
+off-diagonal G, of the backward's K operand a and of the forward's operand b (about 1e-3 each
+before the output's own rounding, in a float64 simulation).
+
+The cross backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was
+measured at 3.6x the fp16 reference's error (IEEE made the cross method about 6x slower at
+D=8192: 9.4 -> 54 ms at N=256; it is not what "auto" picks there).
 
 Distributed
 -----------

@@ -113,7 +113,12 @@ own rounding, in a float64 simulation).
 
 The cross backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was
 measured at 3.6x the fp16 reference's error (IEEE made the cross method about 6x slower at
-D=8192: 9.4 -> 54 ms at N=256; it is not what "auto" picks there).
+D=8192: 9.4 -> 54 ms at N=256; it is not what "auto" picks there). Its C tiles come from the
+16-bit a, b, except the diagonal: C_ii is taken from d (the statistics kernel's fp32 sums over z),
+forward and backward, because m(C)_ii = C_ii - 1 is small when the views agree and the operands'
+rounding of C_ii (0.5% of 1 - C_ii at N=64, D=1024, correlation 0.9) is amplified there: the bf16
+gradient error goes from 3.1x to 1.9x the bf16 rounding of the exact gradient at that shape
+(interpreter; tests/test_barlow_twins.py::test_cross_correlated_views_diagonal_from_statistics).
 
 Distributed
 -----------
@@ -630,10 +635,11 @@ def _bt_cross_tile_kernel(
                           # C, columns of y its columns
     out_ptr,              # MODE 0: [TI * TJ] out loss partials. MODE 1: [P, D] out m(C) rows i0..
     rowp_ptr, colp_ptr,   # MODE 0: [TJ, D], [TI, D] out partial sums of C * m(C) along j and i
+    d_ptr,                # [D] C's diagonal from the statistics kernel (fp32 from z: exact-ish)
     N, D, i0, i_hi, lambd, scale,
     MODE: tl.constexpr, EVEN_N: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
     BK: tl.constexpr, OP: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, EXACT_DIAG: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -657,6 +663,11 @@ def _bt_cross_tile_kernel(
                      input_precision=PREC, out_dtype=ACC)
     c = acc / N
     diag = ii[:, None] == jj[None, :]
+    if EXACT_DIAG:
+        # C_ii from d (fp32 from z), not from the 16-bit operands: with agreeing views C_ii ~ 1
+        # and m(C)_ii = C_ii - 1 would amplify their rounding (module docstring, Numerics)
+        dv = tl.load(d_ptr + ii, mask=imask, other=0.0).to(ACC)
+        c = tl.where(diag, dv[:, None], c)
     valid = imask[:, None] & jmask[None, :]
     m = tl.where(valid, tl.where(diag, c - 1.0, lambd * c), 0.0)
     if MODE == 0:
@@ -736,6 +747,9 @@ _FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
 # Gram: G stored with a zero diagonal, the diagonal kept in fp32 and applied to the fp32 BN(z) in
 # the backward epilogue (module docstring, Numerics). False only to measure the old numerics.
 _SPLIT_DIAG = True
+# Cross: C's diagonal taken from d (the statistics kernel's fp32 sums over z) rather than from the
+# 16-bit operands' dot, forward and backward alike. False only to measure the old numerics.
+_CROSS_EXACT_DIAG = True
 _EW_BLOCK = (64, 128) if INTERPRETER else (32, 128)  # normalise / finalise tiles (BM, BN)
 
 
@@ -1091,10 +1105,11 @@ def _cross_fwd(st: _State, ab: torch.Tensor):
     part = _empty(t * t, dev, pr.torch_acc)
     rowp = _empty((t, d), dev, pr.torch_acc)
     colp = _empty((t, d), dev, pr.torch_acc)
-    _launch(_bt_cross_tile_kernel, (t, t), ab[0], ab[1], part, rowp, colp, n, d, 0, d, st.lambd,
-            st.scale, MODE=0, EVEN_N=n % cfg["BK"] == 0, BI=b, BJ=b, BK=cfg["BK"], OP=pr.op,
-            UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"])
+    st.extra["exact_diag"] = _CROSS_EXACT_DIAG  # the backward uses the forward's choice
+    _launch(_bt_cross_tile_kernel, (t, t), ab[0], ab[1], part, rowp, colp, st.d, n, d, 0, d,
+            st.lambd, st.scale, MODE=0, EVEN_N=n % cfg["BK"] == 0, BI=b, BJ=b, BK=cfg["BK"],
+            OP=pr.op, UPCAST=pr.upcast, ACC=pr.acc, PREC=pr.prec, EXACT_DIAG=_CROSS_EXACT_DIAG,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return part, rowp, colp
 
 
@@ -1294,10 +1309,10 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         for i0 in range(0, d, p):
             i_hi = min(d, i0 + p)
             _launch(_bt_cross_tile_kernel, (triton.cdiv(i_hi - i0, b), triton.cdiv(d, b)), xn, yn,
-                    panel, panel, panel, n, d, i0, i_hi, st.lambd, st.scale, MODE=1,
+                    panel, panel, panel, st.d, n, d, i0, i_hi, st.lambd, st.scale, MODE=1,
                     EVEN_N=n % bk == 0, BI=b, BJ=b, BK=bk, OP=pr.op, UPCAST=pr.upcast,
-                    ACC=pr.acc, PREC=pr.prec, num_warps=cfg["num_warps"],
-                    num_stages=cfg["num_stages"])
+                    ACC=pr.acc, PREC=pr.prec, EXACT_DIAG=st.extra.get("exact_diag", True),
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
             _launch(_bt_cross_grad_kernel, (triton.cdiv(r, b), triton.cdiv(i_hi - i0, b)), x, y,
                     st.mean, st.rstd, side, panel, s2, gl, out, r, n, d, st.row0, i0, i_hi,
                     2.0 * st.scale, BM=b, BN=b, BK=bk, GOP=pr.cop,

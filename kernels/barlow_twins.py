@@ -155,7 +155,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._runtime import INTERPRETER, check_float, check_triton_device
+from kernels._runtime import INTERPRETER, check_float, check_triton_device, round_bf16
 
 try:  # triton >= 3.0
     from triton.runtime.errors import OutOfResources
@@ -195,21 +195,12 @@ def barlow_twins_loss_ref(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0
 
 
 @triton.jit
-def _round_bf16(x):
-    """fp32 -> nearest bf16 value (ties to even), kept in fp32. Only for Triton's interpreter
-    (3.8), whose fp32 -> bf16 cast truncates; compiled code rounds to nearest like this."""
-    u = x.to(tl.uint32, bitcast=True)
-    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return u.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _operand(x, OP: tl.constexpr, UPCAST: tl.constexpr):
     """x as a dot operand of dtype OP. UPCAST (interpreter, bf16): the interpreter runs tl.dot on
     the raw uint16 bits of bf16 operands, so there we use bf16 values held in fp32 and multiply in
     fp32, which is what the tensor cores do (bf16 products are exact in fp32)."""
     if UPCAST:
-        y = _round_bf16(x.to(tl.float32))
+        y = round_bf16(x.to(tl.float32))
     else:
         y = x.to(OP)
     return y
@@ -228,11 +219,11 @@ def _round_tf32(x):
 
 @triton.jit
 def _to_output(x, out_ptr, EMU_BF16: tl.constexpr):
-    """Cast for the store into out_ptr's dtype, rounding to nearest (see _round_bf16) when that
-    dtype is bf16 (EMU_BF16 is set for bf16 inputs; some of their buffers are fp32)."""
+    """Cast for the store into out_ptr's dtype, rounding to nearest (kernels._runtime.round_bf16)
+    when that dtype is bf16 (EMU_BF16 is set for bf16 inputs; some of their buffers are fp32)."""
     if EMU_BF16:
         if out_ptr.dtype.element_ty == tl.bfloat16:
-            x = _round_bf16(x.to(tl.float32))
+            x = round_bf16(x.to(tl.float32))
     return x.to(out_ptr.dtype.element_ty)
 
 

@@ -22,10 +22,14 @@
 #
 # $OUT gets two files (the device returns few): summary.txt (every part's status and the tables)
 # and session.tar.gz (logs, reports, plots, benchmark JSON; no weights).
-# Suggested split of one session's 30 minutes (three calls):
-#   PARTS="cuda_tests compare_default compare_split compare_noexp"
-#   PARTS="energy independent maxbatch bt_bench expander_bench"
-#   PARTS="learning" EPOCHS=80            (DATA needed only here)
+# Suggested split of one session's 30 minutes of device time (each call also pays the machine's
+# start-up when it went cold; guards in seconds):
+#   1. PARTS="cuda_tests compare_default independent"        (150 + 170 + 120)
+#   2. PARTS="compare_split compare_noexp energy bt_bench"    (150 + 130 + 75 + 90)
+#   3. PARTS="expander_bench maxbatch"                        (90 + 420; maxbatch starts a fresh
+#      training process per probe, ~20-30 s each, 3 modes x 4 probes)
+#   later: PARTS="learning" EPOCHS=80 MODES=e2e, then MODES=simultaneous (one mode per call at 80
+#      epochs; DATA needed only here; scripts/learning_summary.py puts the calls together)
 # Settings for a CPU dry run of the script itself: ARCH=resnet18 IMG=16 BATCH=8 PROJ=32-32
 # DEVICE=cpu STEPS=2 WARMUP=1 EPOCHS=1 PARTS="compare_default learning".
 set -uo pipefail
@@ -92,9 +96,9 @@ for part in $PARTS; do
         energy)
             guard energy 75 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads ;;
         maxbatch)
-            guard maxbatch 200 python -m profiling maxbatch --modes e2e,simultaneous,sequential \
+            guard maxbatch 420 python -m profiling maxbatch --modes e2e,simultaneous,sequential \
                 --arch "$ARCH" --image-size "$IMG" --projector "$PROJ" --device "$DEVICE" \
-                --fused on --start "$BATCH" --granularity 64 --max-probes 5 --max-batch 4096 \
+                --fused on --start "$BATCH" --granularity 64 --max-probes 4 --max-batch 4096 \
                 --out "$WORK/maxbatch" -- --precision bf16 ;;
         bt_bench)
             guard bt_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_barlow_twins.py \
@@ -104,6 +108,7 @@ for part in $PARTS; do
                 --benchmark-json "$WORK/expander_bench.json" ;;
         learning)
             if [ -z "$DATA" ]; then say "-- learning: skipped (DATA not set)"; continue; fi
+            export MODES=${MODES:-e2e simultaneous}  # read by gpu_learning_check.sh
             guard learning 560 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" \
                 "$WORK/learning" $LEARN_ARGS ;;
     esac

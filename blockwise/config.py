@@ -162,8 +162,9 @@ class Config:
                               "head, backward, optimizer; time and energy per window). Every "
                               "timed window synchronizes the device at both ends, which lowers "
                               "the measured throughput (by 28-35 percent for ResNet-50, batch "
-                              "256, on an H100 with a slow host); off: only the step is timed, the block and "
-                              "phase windows record peak memory alone, without a sync")
+                              "256, on an H100 with a slow host); off: time and energy of the measured steps as "
+                              "a whole (one sync at each end), every window records peak "
+                              "memory alone, without a sync")
 
     def __post_init__(self):
         self._check_types()

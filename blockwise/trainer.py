@@ -153,9 +153,12 @@ class _NoProfiler:
 
 
 class _Windows:
-    """The trainer's window calls: "step" is always timed (synchronizes the device at both
-    ends); the other windows (block<k>, block<k>/<phase>, e2e phases) are timed only with
-    ``phases`` (``--profile-phases``), else memory-only (peak memory, no synchronize)."""
+    """The trainer's window calls ("step", block<k>, block<k>/<phase>, e2e phases) are timed
+    only with ``phases`` (``--profile-phases``: a device sync at both ends of each); otherwise
+    they are memory-only (peak memory, no sync), and time and energy come from the measured
+    segment as a whole (``Profiler.measure``: one sync at each of its two ends). A sync per step
+    would leave the GPU idle while the host starts the next step, and the profiled throughput
+    would no longer be the unprofiled one."""
 
     __slots__ = ("prof", "phases")
 
@@ -163,7 +166,7 @@ class _Windows:
         self.prof, self.phases = prof, bool(phases)
 
     def window(self, name: str):
-        return self.prof.window(name, timed=self.phases or name == "step")
+        return self.prof.window(name, timed=self.phases)
 
 
 class Stage(nn.Module):

@@ -57,8 +57,8 @@ def trainer_command(mode: str, *, run_dir: str, arch: str, image_size: int, batc
     ``warmup + steps`` per block (``--steps-per-block``); the first ``warmup`` (per block) are
     outside the measured part (``--profile-warmup``). The synthetic set holds exactly one
     epoch of those steps. ``phases``: ``--profile-phases`` (time every block and phase window,
-    one device sync per window boundary; off: only the step is timed, the block and phase
-    windows record peak memory without a sync).
+    one device sync per window boundary; off: the measured steps are timed as a whole, the step,
+    block and phase windows record peak memory without a sync).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(MODES)}")
@@ -158,8 +158,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phases", action="store_true",
                    help="time every block and phase (forward, head, backward, optimizer) with "
                         "--profile-phases: one device sync per window boundary, which lowers "
-                        "the measured throughput; default: only the step is timed, block and "
-                        "phase windows give peak memory alone")
+                        "the measured throughput; default: the measured steps are timed as a "
+                        "whole, step, block and phase windows give peak memory alone")
     p.add_argument("--device", default=None, help="cuda or cpu (default: the trainer's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer run")

@@ -38,8 +38,9 @@ NOT_TIMED = ("not timed: per-phase timing was off, so this window recorded peak 
              "without a device sync (time and energy per block and phase: compare --phases, "
              "trainer --profile-phases)")
 TIMING_ON = "per-phase timing on: throughput includes one device sync per window"
-TIMING_OFF = ("per-phase timing off: only the step is timed (one device sync at each end of a "
-              "step); block and phase windows give peak memory only")
+TIMING_OFF = ("per-phase timing off: the measured steps are timed as a whole (one device sync "
+              "at each end of the measured part, none per step); step, block and phase windows "
+              "give peak memory only")
 
 
 def _timed(w: dict) -> bool:
@@ -595,8 +596,9 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
     notes = [
         "Unit: an image pair (one training example: one image's two augmented views, two "
         "forward passes; --batch-size counts pairs). Throughput is pairs per second of measured "
-        "step time (the sum of the timed step windows, each synchronized at both ends), not "
-        "wall-clock time; time and energy are per pair. Only the measured steps count (after "
+        "time (from the start of the first measured step to the end of the last, synchronized "
+        "at both ends; per block in sequential mode), not the process's wall-clock time; time "
+        "and energy are per pair. Only the measured steps count (after "
         "the warm-up steps); each run was a fresh process.",
         "Peak allocated: PyTorch's caching allocator, tensors only (max_memory_allocated over "
         "the measured steps); peak reserved: the allocator's segments; NVML used: device memory "
@@ -608,9 +610,9 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "counter's ~100 ms update are flagged as short; per-window energies of short windows are "
         "estimates (their sum over many windows is unbiased).",
         "Timed windows synchronize the device at both ends. Per-phase timing off (the default): "
-        "only the step window is timed, so throughput carries one sync per step; block and "
-        "phase windows record peak memory only (no sync; their time and energy are n/a, never "
-        "0). Per-phase timing on (--phases): every block and phase window is timed too, which "
+        "no window inside the measured part is timed, so throughput carries no sync per step; "
+        "step, block and phase windows record peak memory only (no sync; their time and energy "
+        "are n/a, never 0). Per-phase timing on (--phases): every block and phase window is timed too, which "
         "lowers throughput (by 28-35 % for ResNet-50 on an H100 with a slow host); compare "
         "throughput only between runs of the same kind.",
         "Sequential mode trains one block per step (block k's step also runs the frozen blocks "
@@ -696,6 +698,29 @@ def render_markdown(rep: dict) -> str:
 def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
     if not r["windows"]:
         return [f"**{r['label']}**: no measured windows.", ""]
+    if not any(_timed(w) for w in r["windows"].values()):
+        # per-phase timing off: nothing but counts and peaks to show (no columns of n/a)
+        if NOT_TIMED not in footnotes:
+            footnotes.append(NOT_TIMED)
+        m_reason = r["na"].get("peak_allocated_gib") or "memory not measured"
+        order = sorted(r["windows"].items(), key=lambda kv: (kv[0] != "step", kv[0]))
+        if all(w.get("peak_allocated_gib") is None for _, w in order):
+            if m_reason not in footnotes:
+                footnotes.append(m_reason)
+            return [f"**{r['label']}**: nothing measured per window (no timing; peak memory "
+                    f"n/a ({_short(m_reason)})); windows: "
+                    + ", ".join(f"{name} x{w['count']}" for name, w in order) + ".", ""]
+        lines = [f"**{r['label']}** (no window timed: time and energy are those of the measured "
+                 "steps as a whole, above)", "", "| window | count | peak allocated (GiB) |",
+                 "|---|---:|---:|"]
+        for name, w in order:
+            peak = w.get("peak_allocated_gib")
+            if peak is None and m_reason not in footnotes:
+                footnotes.append(m_reason)
+            lines.append(f"| {name} | {w['count']} | "
+                         + (f"{peak:.2f}" if peak is not None else f"n/a ({_short(m_reason)})")
+                         + " |")
+        return lines + [""]
     base = next((e for e in rep["runs"] if e["label"] == rep["baseline"]), None)
     base_w = base["windows"] if base else {}
     lines = [f"**{r['label']}**", "",

@@ -414,6 +414,9 @@ def test_compare_on_cpu(tmp_path):
         assert r["windows"]["step"]["count"] >= 2
     md = open(out / "report.md").read()
     assert "all 4 blocks, one pass each" in md and "n/a (CPU run)" in md
+    # CPU, phases off: no window has a time or a peak; each run's windows are one line, no table
+    windows = md.split("## Windows per run")[1]
+    assert windows.count("nothing measured per window") == 3 and "| window |" not in windows
 
 
 FAKE_TRAINER = """#!{python}
@@ -483,12 +486,12 @@ def test_maxbatch_refuses_cpu(tmp_path, capsys):
 
 
 def _untime(profile: dict) -> dict:
-    """As a run without --profile-phases writes it: only "step" timed, the rest memory-only."""
+    """As a run without --profile-phases writes it: every window memory-only (the measured
+    segment carries time and energy)."""
     profile["meta"]["profile_phases"] = False
-    for name, w in profile["windows"].items():
-        if name != "step":
-            w.update(timed=False, time_s_total=None, time_s_mean=None, energy_j=None,
-                     sampled_energy_j=None, mean_power_w=None, short_windows=0)
+    for w in profile["windows"].values():
+        w.update(timed=False, time_s_total=None, time_s_mean=None, energy_j=None,
+                 sampled_energy_j=None, mean_power_w=None, short_windows=0)
     return profile
 
 
@@ -501,15 +504,18 @@ def test_untimed_windows_are_na_not_timed(monkeypatch, tmp_path):
     assert "per-phase timing off" in md and "per-phase timing on" not in md.split("## Summary")[0]
     sim = next(r for r in rep["runs"] if r["mode"] == "simultaneous")
     assert sim["timing"].startswith("per-phase timing off")
-    assert sim["metrics"]["throughput_img_s"] > 0  # the step is still timed
+    assert sim["metrics"]["throughput_img_s"] > 0  # the measured segment is timed
     for b in sim["per_block"]:
         assert b["peak_allocated_gib"] > 0  # memory still measured
         assert b["time_per_image_ms"] is None and b["energy_per_image_j"] is None
     assert all(v is None for v in sim["phases_ms_per_image"].values())
     assert "n/a (not timed)" in md
-    for line in md.splitlines():  # no window row shows a time or energy of 0
-        if line.startswith("| block1/forward |"):
-            assert "n/a (not timed)" in line and " 0.00 " not in line
+    # the windows tables hold only what was measured: count and peak memory, no time column
+    windows = md.split("## Windows per run")[1].split("## Not measured")[0]
+    assert windows.count("| window | count | peak allocated (GiB) |") == 2
+    assert "mean (ms)" not in windows and "energy (J)" not in windows
+    rows = [l for l in windows.splitlines() if l.startswith("| block1/forward |")]
+    assert len(rows) == 2 and all(float(l.split("|")[3]) > 0 for l in rows)
     check_ratios(rep)
 
 

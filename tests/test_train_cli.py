@@ -86,11 +86,12 @@ def test_profile_writes_the_windows_of_the_interface(tmp_path, mode, capsys):
         assert prof["windows"]["block1/backward"]["count"] == 2
         assert prof["windows"]["block1/forward"]["count"] == 2 + 3 * 2  # + frozen prefix runs
     assert not (tmp_path / "checkpoint.pt").exists()  # --profile: no checkpoint by default
-    # default (no --profile-phases): only the step is timed; the other windows memory-only
+    # default (no --profile-phases): no window is timed (no sync per step); time and energy of
+    # the measured segment(s) as a whole
     assert meta["profile_phases"] is False
-    assert prof["windows"]["step"]["timed"] is True
-    assert prof["windows"]["step"]["time_s_total"] > 0
-    for name in windows - {"step"}:
+    assert prof["run"]["time_s"] > 0 and prof["run"]["throughput_img_s"] > 0
+    assert all(s["time_s"] > 0 for s in prof["run"]["segments"])
+    for name in windows:
         w = prof["windows"][name]
         assert w["timed"] is False and w["count"] > 0, name
         assert w["time_s_total"] is None and w["energy_j"] is None, name

@@ -85,13 +85,16 @@ class _ExpanderPoolFn(torch.autograd.Function):
         if use_batch_stats:
             # shift = first chunk's mean (global average under DDP) against cancellation in
             # E[xx^T] - E[x]E[x]^T
-            shift = _pixels(x[:step]).to(acc).mean(0)
+            # the statistics pass holds a Cin (not Cout) wide fp32 copy of its chunk: chunks of
+            # up to chunk_bytes of that (block 1 of ResNet-50: 80 images, not 10)
+            sstep = _chunk_images(n, cin, hw, chunk_bytes)
+            shift = _pixels(x[:sstep]).to(acc).mean(0)
             if group is not None:
                 shift = _all_reduce(shift, group) / dist.get_world_size(group)
             s1 = torch.zeros(cin, dtype=acc, device=x.device)
             s2 = torch.zeros(cin, cin, dtype=acc, device=x.device)
-            for i in range(0, n, step):
-                xp = _pixels(x[i:i + step]).to(acc) - shift
+            for i in range(0, n, sstep):
+                xp = _pixels(x[i:i + sstep]).to(acc) - shift
                 s1 += xp.sum(0)
                 s2 += xp.t() @ xp
             if group is not None:

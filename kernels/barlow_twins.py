@@ -111,6 +111,15 @@ correlation 0.9 (above the issue's 2e-3 at N=256) is the bf16 rounding of the of
 the backward's K operand a and of the forward's operand b (about 1e-3 each before the output's
 own rounding, in a float64 simulation).
 
+Default precision for 16-bit inputs (``grad_precision=None``): up to 256 rows of the global
+batch the op runs as for fp32 inputs ("fp32": a, b and G in fp32, IEEE dots, the gradient
+rounded once to the input dtype at its store). There the op is launch bound (0.06 ms of GPU time
+under ~0.8 ms of host time at N=256 on the H100 VM, docs/performance.md), so the slower fp32
+dots should cost no wall time (not yet measured on a GPU), and the gradient is as accurate as its
+own rounding: under the interpreter, N=256, D=8192, correlation 0.9, bf16: gradient error
+1.659e-3 for both methods against 1.659e-3 for the bf16 rounding of the exact gradient, loss
+error 1.3e-8. Above 256 rows the default is "input" (the 16-bit GEMMs above).
+
 The cross backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was
 measured at 3.6x the fp16 reference's error (IEEE made the cross method about 6x slower at
 D=8192: 9.4 -> 54 ms at N=256; it is not what "auto" picks there). Its C tiles come from the
@@ -735,6 +744,7 @@ _PANEL_BYTES = 16 << 20         # cross backward: one row panel of m(C)
 _STATS_BLOCK_D = 64
 _STATS_WRITE_MAX_ROWS = 512     # up to here the stats kernel also writes a, b (one launch less)
 _FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
+_FP32_MAX_ROWS = 256            # 16-bit inputs, default grad_precision: fp32 operands up to here
 # Gram: G stored with a zero diagonal, the diagonal kept in fp32 and applied to the fp32 BN(z) in
 # the backward epilogue (module docstring, Numerics). False only to measure the old numerics.
 _SPLIT_DIAG = True
@@ -760,6 +770,8 @@ class _Precision:
     emu_bf16: bool           # interpreter: round-to-nearest emulated for bf16 stores
     torch_acc: torch.dtype
     gemu_tf32: bool = False  # interpreter: tf32 backward Gram dot operands emulated (_round_tf32)
+    operand: Optional[torch.dtype] = None  # dtype of the a, b buffers (GEMM operands) and the key
+    # of the tile configurations; None: the input dtype
 
 
 @functools.lru_cache(maxsize=None)
@@ -773,17 +785,27 @@ def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Pre
                           False, tl.float32, False, False, torch.float32)
     bf16_interp = INTERPRETER and dtype == torch.bfloat16
     grad_precision = grad_precision or "input"
+    if grad_precision == "fp32":  # 16-bit inputs, fp32 operands and IEEE dots end to end
+        return _Precision(tl.float32, tl.float32, "ieee", torch.float32, False, tl.float32, "ieee",
+                          False, tl.float32, False, bf16_interp, torch.float32,
+                          operand=torch.float32)
     if grad_precision == "input":  # G stored in the input dtype: a plain 16-bit GEMM backward
         gstore, gop, gprec, gup = dtype, _TL_DTYPE[dtype], "tf32", bf16_interp
     elif grad_precision == "tf32":  # G in fp32, the normalised operand upcast, tf32 dots
         gstore, gop, gprec, gup = torch.float32, tl.float32, "tf32", False
     else:
-        raise ValueError(f"{_OP}: grad_precision must be 'input' or 'tf32', got {grad_precision!r}")
+        raise ValueError(f"{_OP}: grad_precision must be 'input', 'tf32' or 'fp32', got "
+                         f"{grad_precision!r}")
     # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands);
     # cross backward: fp32 m(C) against BN(z) in fp32, IEEE (tf32 was measured too coarse)
     return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gstore, gstore != torch.float32, gop,
                       gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32,
                       INTERPRETER and grad_precision == "tf32")
+
+
+def _operand_dtype(pr: _Precision, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the GEMM operands a, b (and of the tile configurations' key)."""
+    return pr.operand or dtype
 
 
 _SM_COUNT: Dict[int, int] = {}
@@ -1045,7 +1067,7 @@ def _normalized(st: _State) -> torch.Tensor:
     if st.ab is not None:
         return st.ab
     n, d = st.z1.shape
-    ab = _empty((2, n, d), st.z1.device, st.z1.dtype)
+    ab = _empty((2, n, d), st.z1.device, _operand_dtype(st.pr, st.z1.dtype))
     _normalize(st.z1, st.z2, st.mean, st.rstd, ab[0], ab[1], (0, 1), st.pr)
     return ab
 
@@ -1057,7 +1079,7 @@ def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None)
     n, d = st.z1.shape
     r = st.rows
     dev = st.z1.device
-    plan = _gram_fwd_plan(n, r, d, st.z1.dtype, _sm_count(dev))
+    plan = _gram_fwd_plan(n, r, d, _operand_dtype(pr, st.z1.dtype), _sm_count(dev))
     ga = _empty((r, n), dev, pr.gstore)
     gb = _empty((r, n), dev, pr.gstore)
     gdiag = _empty((2, r), dev, pr.torch_acc)
@@ -1089,7 +1111,7 @@ def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None)
 def _cross_fwd(st: _State, ab: torch.Tensor):
     pr = st.pr
     n, d = st.z1.shape
-    cfg = _cross_cfg(st.z1.dtype)
+    cfg = _cross_cfg(_operand_dtype(pr, st.z1.dtype))
     b = cfg["B"]
     t = triton.cdiv(d, b)
     dev = st.z1.device
@@ -1110,9 +1132,13 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
                      need: Tuple[bool, bool] = (True, True)) -> Tuple[torch.Tensor, _State]:
     """Forward launcher: validated inputs in, (fp32 loss, state for barlow_twins_bwd) out.
 
-    grad_precision (16-bit inputs only): "input" (default) stores G_a, G_b in the input dtype and
-    runs the backward Gram dots on 16-bit operands; "tf32" stores them in fp32 and runs tf32 dots
-    (more accurate when the views are strongly correlated, slower: docs/performance.md).
+    grad_precision (16-bit inputs only): "input" stores G_a, G_b in the input dtype and runs the
+    backward Gram dots on 16-bit operands; "tf32" stores them in fp32 and runs tf32 dots (more
+    accurate when the views are strongly correlated, slower: docs/performance.md); "fp32" makes
+    a, b and G fp32 and every dot IEEE fp32, as for fp32 inputs (the gradient is then as accurate
+    as its own rounding to the input dtype; several times the GPU time of the 16-bit dots).
+    None (default): "fp32" up to _FP32_MAX_ROWS (256) rows of the global batch, where the op
+    is launch bound and the fp32 dots cost no wall time, "input" above.
     need: which gradients the backward will be asked for (both: the forward's a, b may become the
     gradient buffers, see _reuse_ab)."""
     dd = _resolve_group(group)
@@ -1128,12 +1154,17 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     dev = z1.device
     if method == "auto":
         method = choose_method(n, d, rows)
+    if grad_precision is None and z1.dtype in (torch.bfloat16, torch.float16):
+        # small batches are launch bound (docs/performance.md): fp32 operands cost no wall time
+        # there and keep the correlated-view gradient at the output's own rounding
+        grad_precision = "fp32" if n <= _FP32_MAX_ROWS else "input"
     pr = _precision(z1.dtype, grad_precision)
+    opd = _operand_dtype(pr, z1.dtype)
     ns = triton.cdiv(d, _STATS_BLOCK_D)
     # one buffer for every loss partial: the loss is a single sum over it
-    gtiles = _gram_fwd_plan(n, rows, d, z1.dtype, _sm_count(dev)).tiles if method == "gram" else 0
+    gtiles = _gram_fwd_plan(n, rows, d, opd, _sm_count(dev)).tiles if method == "gram" else 0
     parts = _empty(ns + gtiles, dev, pr.torch_acc)
-    ab = _empty((2, n, d), dev, z1.dtype)  # a = BN(z1), b = BN(z2): the GEMM operands
+    ab = _empty((2, n, d), dev, opd)  # a = BN(z1), b = BN(z2): the GEMM operands
     mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts, ab)
     st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, pr,
                 split_diag=_SPLIT_DIAG)
@@ -1151,7 +1182,7 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
             st.gdiag = gdiag
             if not dd.active and rows <= _FINAL_MAX_ROWS:
                 st.ab = ab  # small: the one-kernel backward reads it (otherwise recomputed)
-            elif not dd.active and all(need) and _reuse_ab(n, d, z1.dtype, pr):
+            elif not dd.active and all(need) and opd == z1.dtype and _reuse_ab(n, d, z1.dtype, pr):
                 st.ab = ab  # becomes dz1, dz2 (already normalised: no backward BN launch)
                 st.extra["ab_as_dz"] = True
     else:
@@ -1186,7 +1217,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         # small batch: one row tile covers it, the kernel finishes dz itself (one launch)
         ab = _normalized(st)
         st.ab = None
-        cfg = _gram_bwd_final_cfg(r, z1.dtype)
+        cfg = _gram_bwd_final_cfg(r, _operand_dtype(pr, z1.dtype))
         for s in sides:
             dz[s] = _empty((r, d), dev, z1.dtype)
         out1 = dz[0] if dz[0] is not None else dz[1]
@@ -1198,7 +1229,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
                 EVEN_N=n % cfg["BK"] == 0, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], **common)
         return dz
-    cfg = _gram_bwd_cfg(z1.dtype)
+    cfg = _gram_bwd_cfg(_operand_dtype(pr, z1.dtype))
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     tr = triton.cdiv(r, bm)
     esize = 8 if pr.torch_acc == torch.float64 else 4
@@ -1220,7 +1251,9 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
             dz[s] = _empty((r, d), dev, z1.dtype)
             # the K-loop operand BN(z) of every row: single process, it lives in the gradient's
             # own buffer (a column chunk of it is overwritten only after its last read)
-            xbuf[s] = _empty((n, d), dev, z1.dtype) if st.dist.active else dz[s]
+            # (not when the operands are wider than the gradient: "fp32" for 16-bit inputs)
+            opd = _operand_dtype(pr, z1.dtype)
+            xbuf[s] = _empty((n, d), dev, opd) if st.dist.active or opd != z1.dtype else dz[s]
 
     if reuse:  # the forward's a, b: normalised already, and they become dz1, dz2
         ab, st.ab = st.ab, None
@@ -1283,7 +1316,7 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     r = st.rows
     dev = z1.device
     ab = _normalized(st)
-    cfg = _cross_cfg(z1.dtype)
+    cfg = _cross_cfg(_operand_dtype(pr, z1.dtype))
     b, bk = cfg["B"], cfg["BK"]
     esize = 8 if pr.torch_acc == torch.float64 else 4
     p = max(b, (_PANEL_BYTES // (d * esize)) // b * b)

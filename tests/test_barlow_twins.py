@@ -237,7 +237,7 @@ def test_cross_correlated_views_diagonal_from_statistics(monkeypatch, device):
     one = torch.ones((), device=device)
 
     def grad_err():
-        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "cross")
+        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "cross", grad_precision="input")
         d1, d2 = bt.barlow_twins_bwd(st, one)
         assert rel_err(loss, ref) < 1e-4
         return max(rel_err(d1, g1), rel_err(d2, g2))
@@ -263,7 +263,8 @@ def test_gram_diagonal_stored_apart(n, d, dtype, monkeypatch, device):
 
     monkeypatch.setattr(bt, "_empty", nan_empty)
     z1, z2 = _inputs(n, d, dtype, device)
-    _, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram")
+    # "input": G stored in bf16 (the default for 16-bit inputs above 256 rows)
+    _, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="input")
     gscale = d if dtype == torch.bfloat16 else 1
     splits = set()
     for rows, row0 in ((n, 0), (23, 17), (n - 40, 40)):
@@ -287,6 +288,41 @@ def test_gram_diagonal_stored_apart(n, d, dtype, monkeypatch, device):
                          name=f"G side {side} rows {row0}..")
     if d == 1000:
         assert max(splits) > 1, splits
+
+
+def test_default_is_fp32_operands_for_small_16bit_batches(device):
+    """16-bit inputs, default grad_precision: up to 256 rows a, b and G are fp32 and the dots IEEE
+    (launch bound there: no wall-time cost), so even strongly correlated views get a gradient as
+    accurate as its own bf16 rounding; above 256 rows the 16-bit operands ("input")."""
+    z1, z2 = _correlated_bf16(64, 1024, 0.9, device)
+    ref, g1, g2, _ = _reference(z1, z2)
+    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
+    for method in ("gram", "cross"):
+        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, method)
+        assert st.pr.operand == torch.float32, method
+        d1, d2 = bt.barlow_twins_bwd(st, torch.ones((), device=device))
+        assert d1.dtype == d2.dtype == torch.bfloat16
+        err = max(rel_err(d1, g1), rel_err(d2, g2))
+        assert err <= 1.05 * rounding, f"{method}: {err / rounding:.3f}x the bf16 rounding"
+        assert rel_err(loss, ref) < 1e-5, method
+    z1, z2 = _inputs(257, 64, torch.bfloat16, device)
+    _, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram")
+    assert st.pr.operand is None  # "input": the operands in the input dtype
+
+
+def test_fp32_operands_on_the_multi_tile_backward(monkeypatch, device):
+    """grad_precision="fp32" where the Gram backward takes its chunked path (forced here with a
+    small _FINAL_MAX_ROWS): the fp32 BN(z) operand gets its own buffer, never the bf16 dz."""
+    monkeypatch.setattr(bt, "_FINAL_MAX_ROWS", 16)
+    z1, z2 = _correlated_bf16(70, 96, 0.9, device)
+    ref, g1, g2, _ = _reference(z1, z2)
+    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
+    loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp32")
+    d1, d2 = bt.barlow_twins_bwd(st, torch.ones((), device=device))
+    err = max(rel_err(d1, g1), rel_err(d2, g2))
+    assert err <= 1.05 * rounding, f"{err / rounding:.3f}x the bf16 rounding"
+    with pytest.raises(ValueError, match="'input', 'tf32' or 'fp32'"):
+        bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp64")
 
 
 def test_gram_split_paths_are_both_exercised(device):

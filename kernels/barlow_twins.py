@@ -769,26 +769,24 @@ class _Precision:
     upcast: bool             # interpreter: forward bf16 operands multiplied in fp32 (_operand)
     emu_bf16: bool           # interpreter: round-to-nearest emulated for bf16 stores
     torch_acc: torch.dtype
+    operand: torch.dtype     # dtype of the a, b buffers (GEMM operands); keys the tile configs
     gemu_tf32: bool = False  # interpreter: tf32 backward Gram dot operands emulated (_round_tf32)
-    operand: Optional[torch.dtype] = None  # dtype of the a, b buffers (GEMM operands) and the key
-    # of the tile configurations; None: the input dtype
 
 
 @functools.lru_cache(maxsize=None)
 def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Precision:
     if dtype == torch.float64:
         return _Precision(tl.float64, tl.float64, "ieee", torch.float64, False, tl.float64, "ieee",
-                          False, tl.float64, False, False, torch.float64)
+                          False, tl.float64, False, False, torch.float64, torch.float64)
     if dtype == torch.float32:
         # IEEE fp32 dots: torch's own fp32 matmul does not use tf32 by default either.
         return _Precision(tl.float32, tl.float32, "ieee", torch.float32, False, tl.float32, "ieee",
-                          False, tl.float32, False, False, torch.float32)
+                          False, tl.float32, False, False, torch.float32, torch.float32)
     bf16_interp = INTERPRETER and dtype == torch.bfloat16
     grad_precision = grad_precision or "input"
     if grad_precision == "fp32":  # 16-bit inputs, fp32 operands and IEEE dots end to end
         return _Precision(tl.float32, tl.float32, "ieee", torch.float32, False, tl.float32, "ieee",
-                          False, tl.float32, False, bf16_interp, torch.float32,
-                          operand=torch.float32)
+                          False, tl.float32, False, bf16_interp, torch.float32, torch.float32)
     if grad_precision == "input":  # G stored in the input dtype: a plain 16-bit GEMM backward
         gstore, gop, gprec, gup = dtype, _TL_DTYPE[dtype], "tf32", bf16_interp
     elif grad_precision == "tf32":  # G in fp32, the normalised operand upcast, tf32 dots
@@ -799,13 +797,8 @@ def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Pre
     # forward: 16-bit operands ("tf32" is Triton's default and is ignored for 16-bit operands);
     # cross backward: fp32 m(C) against BN(z) in fp32, IEEE (tf32 was measured too coarse)
     return _Precision(_TL_DTYPE[dtype], tl.float32, "tf32", gstore, gstore != torch.float32, gop,
-                      gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32,
+                      gprec, gup, tl.float32, bf16_interp, bf16_interp, torch.float32, dtype,
                       INTERPRETER and grad_precision == "tf32")
-
-
-def _operand_dtype(pr: _Precision, dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the GEMM operands a, b (and of the tile configurations' key)."""
-    return pr.operand or dtype
 
 
 _SM_COUNT: Dict[int, int] = {}
@@ -1067,7 +1060,7 @@ def _normalized(st: _State) -> torch.Tensor:
     if st.ab is not None:
         return st.ab
     n, d = st.z1.shape
-    ab = _empty((2, n, d), st.z1.device, _operand_dtype(st.pr, st.z1.dtype))
+    ab = _empty((2, n, d), st.z1.device, st.pr.operand)
     _normalize(st.z1, st.z2, st.mean, st.rstd, ab[0], ab[1], (0, 1), st.pr)
     return ab
 
@@ -1079,7 +1072,7 @@ def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None)
     n, d = st.z1.shape
     r = st.rows
     dev = st.z1.device
-    plan = _gram_fwd_plan(n, r, d, _operand_dtype(pr, st.z1.dtype), _sm_count(dev))
+    plan = _gram_fwd_plan(n, r, d, pr.operand, _sm_count(dev))
     ga = _empty((r, n), dev, pr.gstore)
     gb = _empty((r, n), dev, pr.gstore)
     gdiag = _empty((2, r), dev, pr.torch_acc)
@@ -1111,7 +1104,7 @@ def _gram_fwd(st: _State, ab: torch.Tensor, part: Optional[torch.Tensor] = None)
 def _cross_fwd(st: _State, ab: torch.Tensor):
     pr = st.pr
     n, d = st.z1.shape
-    cfg = _cross_cfg(_operand_dtype(pr, st.z1.dtype))
+    cfg = _cross_cfg(pr.operand)
     b = cfg["B"]
     t = triton.cdiv(d, b)
     dev = st.z1.device
@@ -1159,12 +1152,11 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
         # there and keep the correlated-view gradient at the output's own rounding
         grad_precision = "fp32" if n <= _FP32_MAX_ROWS else "input"
     pr = _precision(z1.dtype, grad_precision)
-    opd = _operand_dtype(pr, z1.dtype)
     ns = triton.cdiv(d, _STATS_BLOCK_D)
     # one buffer for every loss partial: the loss is a single sum over it
-    gtiles = _gram_fwd_plan(n, rows, d, opd, _sm_count(dev)).tiles if method == "gram" else 0
+    gtiles = _gram_fwd_plan(n, rows, d, pr.operand, _sm_count(dev)).tiles if method == "gram" else 0
     parts = _empty(ns + gtiles, dev, pr.torch_acc)
-    ab = _empty((2, n, d), dev, opd)  # a = BN(z1), b = BN(z2): the GEMM operands
+    ab = _empty((2, n, d), dev, pr.operand)  # a = BN(z1), b = BN(z2): the GEMM operands
     mean, rstd, dvec = _stats(z1g, z2g, lambd, scale, eps, pr, parts, ab)
     st = _State(method, lambd, scale, dd, z1g, z2g, rows, row0, mean, rstd, dvec, pr,
                 split_diag=_SPLIT_DIAG)
@@ -1182,7 +1174,8 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
             st.gdiag = gdiag
             if not dd.active and rows <= _FINAL_MAX_ROWS:
                 st.ab = ab  # small: the one-kernel backward reads it (otherwise recomputed)
-            elif not dd.active and all(need) and opd == z1.dtype and _reuse_ab(n, d, z1.dtype, pr):
+            elif (not dd.active and all(need) and pr.operand == z1.dtype
+                  and _reuse_ab(n, d, z1.dtype, pr)):
                 st.ab = ab  # becomes dz1, dz2 (already normalised: no backward BN launch)
                 st.extra["ab_as_dz"] = True
     else:
@@ -1217,7 +1210,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         # small batch: one row tile covers it, the kernel finishes dz itself (one launch)
         ab = _normalized(st)
         st.ab = None
-        cfg = _gram_bwd_final_cfg(r, _operand_dtype(pr, z1.dtype))
+        cfg = _gram_bwd_final_cfg(r, pr.operand)
         for s in sides:
             dz[s] = _empty((r, d), dev, z1.dtype)
         out1 = dz[0] if dz[0] is not None else dz[1]
@@ -1229,7 +1222,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
                 EVEN_N=n % cfg["BK"] == 0, num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"], **common)
         return dz
-    cfg = _gram_bwd_cfg(_operand_dtype(pr, z1.dtype))
+    cfg = _gram_bwd_cfg(pr.operand)
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     tr = triton.cdiv(r, bm)
     esize = 8 if pr.torch_acc == torch.float64 else 4
@@ -1252,8 +1245,8 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
             # the K-loop operand BN(z) of every row: single process, it lives in the gradient's
             # own buffer (a column chunk of it is overwritten only after its last read)
             # (not when the operands are wider than the gradient: "fp32" for 16-bit inputs)
-            opd = _operand_dtype(pr, z1.dtype)
-            xbuf[s] = _empty((n, d), dev, opd) if st.dist.active or opd != z1.dtype else dz[s]
+            own = st.dist.active or pr.operand != z1.dtype
+            xbuf[s] = _empty((n, d), dev, pr.operand) if own else dz[s]
 
     if reuse:  # the forward's a, b: normalised already, and they become dz1, dz2
         ab, st.ab = st.ab, None
@@ -1316,7 +1309,7 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     r = st.rows
     dev = z1.device
     ab = _normalized(st)
-    cfg = _cross_cfg(_operand_dtype(pr, z1.dtype))
+    cfg = _cross_cfg(pr.operand)
     b, bk = cfg["B"], cfg["BK"]
     esize = 8 if pr.torch_acc == torch.float64 else 4
     p = max(b, (_PANEL_BYTES // (d * esize)) // b * b)

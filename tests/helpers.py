@@ -54,3 +54,52 @@ def compile_static(fn, recompile_limit: int):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), recompile_limit))
     return torch.compile(fn, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU benchmark measurements (tests/benchmarks): one definition for every benchmark and sweep
+
+
+def _median_ms(fn, warmup: int = 25, rep: int = 200) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def _rate(measure) -> float:
+    """measure() with its buffers released (they go out of scope) before the cache is emptied."""
+    rate = measure()
+    torch.cuda.empty_cache()
+    return rate
+
+
+def device_copy_rate(device="cuda") -> float:
+    """Device copy rate in bytes/s, counting bytes read plus bytes written (1 GiB bf16 each way,
+    ``do_bench`` median)."""
+    def measure():
+        src = torch.randn(2 ** 29, device=device, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        return 2 * src.nbytes / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
+    return _rate(measure)
+
+
+def device_matmul_rate(device="cuda") -> float:
+    """bf16 matmul rate in flop/s on random 8192^3 operands (``do_bench`` median, 300 ms)."""
+    def measure():
+        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        return 2 * 8192 ** 3 / (_median_ms(lambda: a @ b, warmup=50, rep=300) * 1e-3)
+    return _rate(measure)
+
+
+def peak_extra_mib(fn) -> float:
+    """Peak CUDA memory allocated by one call of ``fn`` above what was allocated before it, MiB
+    (its returned tensors included while they exist)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2 ** 20

@@ -198,6 +198,25 @@ def _correlated_bf16(n, d, rho, device):
     return z1.to(device, torch.bfloat16), z2.to(device, torch.bfloat16)
 
 
+class _Correlated:
+    """Correlated bf16 views and their float64 reference; ``run`` measures the fused op on them:
+    (loss relative error, gradient error in units of the bf16 rounding of the exact gradient,
+    the forward's state, the two gradients)."""
+
+    def __init__(self, n, d, device):
+        self.z1, self.z2 = _correlated_bf16(n, d, 0.9, device)
+        self.ref, self.g1, self.g2, _ = _reference(self.z1, self.z2)
+        self.rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (self.g1, self.g2))
+        self.one = torch.ones((), device=device)
+
+    def run(self, method, grad_precision=None):
+        loss, st = bt.barlow_twins_fwd(self.z1, self.z2, 0.0051, 1.0, 1e-5, method,
+                                       grad_precision=grad_precision)
+        d1, d2 = bt.barlow_twins_bwd(st, self.one)
+        err = max(rel_err(d1, self.g1), rel_err(d2, self.g2))
+        return rel_err(loss, self.ref), err / self.rounding, st, (d1, d2)
+
+
 @pytest.mark.parametrize("mode", ["input", "tf32"])
 def test_correlated_views_gradient_accuracy(mode, monkeypatch, device):
     """Strongly correlated views: the large G_nn a_n part of the Gram gradient is almost removed
@@ -207,22 +226,14 @@ def test_correlated_views_gradient_accuracy(mode, monkeypatch, device):
     seeds, in units of that rounding: 1.27-1.28 ("input") and 1.20-1.21 ("tf32"); with the
     diagonal inside the GEMM (bt._SPLIT_DIAG = False, the old numerics) 2.46-2.58 and 1.86-1.90,
     which the second half checks, so that the bound is one the old code fails."""
-    z1, z2 = _correlated_bf16(64, 1024, 0.9, device)
-    ref, g1, g2, _ = _reference(z1, z2)
-    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
-    one = torch.ones((), device=device)
-
-    def grad_err():
-        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision=mode)
-        d1, d2 = bt.barlow_twins_bwd(st, one)
-        assert rel_err(loss, ref) < 1e-4  # the loss comes from the accumulators either way
-        return max(rel_err(d1, g1), rel_err(d2, g2))
-
-    err = grad_err()
-    assert err <= 1.5 * rounding, f"{mode}: {err:.3e} = {err / rounding:.2f}x the bf16 rounding"
+    views = _Correlated(64, 1024, device)
+    loss_err, err, _, _ = views.run("gram", mode)
+    assert loss_err < 1e-4  # the loss comes from the accumulators either way
+    assert err <= 1.5, f"{mode}: {err:.2f}x the bf16 rounding"
     monkeypatch.setattr(bt, "_SPLIT_DIAG", False)
-    old = grad_err()
-    assert old > 1.5 * rounding, f"{mode}, diagonal in the GEMM: {old / rounding:.2f}x"
+    loss_err, old, _, _ = views.run("gram", mode)
+    assert loss_err < 1e-4
+    assert old > 1.5, f"{mode}, diagonal in the GEMM: {old:.2f}x"
 
 
 def test_cross_correlated_views_diagonal_from_statistics(monkeypatch, device):
@@ -231,22 +242,14 @@ def test_cross_correlated_views_diagonal_from_statistics(monkeypatch, device):
     (the statistics kernel's fp32 sums over z) brings the bf16 gradient error from 3.10-3.12x to
     1.86-1.88x the bf16 rounding of the exact gradient (this shape, interpreter, three seeds).
     The bound 2.3x is one the old numerics (bt._CROSS_EXACT_DIAG = False) fail, checked below."""
-    z1, z2 = _correlated_bf16(64, 1024, 0.9, device)
-    ref, g1, g2, _ = _reference(z1, z2)
-    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
-    one = torch.ones((), device=device)
-
-    def grad_err():
-        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "cross", grad_precision="input")
-        d1, d2 = bt.barlow_twins_bwd(st, one)
-        assert rel_err(loss, ref) < 1e-4
-        return max(rel_err(d1, g1), rel_err(d2, g2))
-
-    err = grad_err()
-    assert err <= 2.3 * rounding, f"cross: {err / rounding:.2f}x the bf16 rounding"
+    views = _Correlated(64, 1024, device)
+    loss_err, err, _, _ = views.run("cross", "input")
+    assert loss_err < 1e-4
+    assert err <= 2.3, f"cross: {err:.2f}x the bf16 rounding"
     monkeypatch.setattr(bt, "_CROSS_EXACT_DIAG", False)
-    old = grad_err()
-    assert old > 2.3 * rounding, f"cross, C_ii from the operands: {old / rounding:.2f}x"
+    loss_err, old, _, _ = views.run("cross", "input")
+    assert loss_err < 1e-4
+    assert old > 2.3, f"cross, C_ii from the operands: {old:.2f}x"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -294,35 +297,27 @@ def test_default_is_fp32_operands_for_small_16bit_batches(device):
     """16-bit inputs, default grad_precision: up to 256 rows a, b and G are fp32 and the dots IEEE
     (launch bound there: no wall-time cost), so even strongly correlated views get a gradient as
     accurate as its own bf16 rounding; above 256 rows the 16-bit operands ("input")."""
-    z1, z2 = _correlated_bf16(64, 1024, 0.9, device)
-    ref, g1, g2, _ = _reference(z1, z2)
-    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
+    views = _Correlated(64, 1024, device)
     for method in ("gram", "cross"):
-        loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, method)
+        loss_err, err, st, (d1, d2) = views.run(method)
         assert st.pr.operand == torch.float32, method
-        d1, d2 = bt.barlow_twins_bwd(st, torch.ones((), device=device))
         assert d1.dtype == d2.dtype == torch.bfloat16
-        err = max(rel_err(d1, g1), rel_err(d2, g2))
-        assert err <= 1.05 * rounding, f"{method}: {err / rounding:.3f}x the bf16 rounding"
-        assert rel_err(loss, ref) < 1e-5, method
+        assert err <= 1.05, f"{method}: {err:.3f}x the bf16 rounding"
+        assert loss_err < 1e-5, method
     z1, z2 = _inputs(257, 64, torch.bfloat16, device)
     _, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram")
-    assert st.pr.operand is None  # "input": the operands in the input dtype
+    assert st.pr.operand == torch.bfloat16  # "input": the operands in the input dtype
 
 
 def test_fp32_operands_on_the_multi_tile_backward(monkeypatch, device):
     """grad_precision="fp32" where the Gram backward takes its chunked path (forced here with a
     small _FINAL_MAX_ROWS): the fp32 BN(z) operand gets its own buffer, never the bf16 dz."""
     monkeypatch.setattr(bt, "_FINAL_MAX_ROWS", 16)
-    z1, z2 = _correlated_bf16(70, 96, 0.9, device)
-    ref, g1, g2, _ = _reference(z1, z2)
-    rounding = max(rel_err(g.to(torch.bfloat16), g) for g in (g1, g2))
-    loss, st = bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp32")
-    d1, d2 = bt.barlow_twins_bwd(st, torch.ones((), device=device))
-    err = max(rel_err(d1, g1), rel_err(d2, g2))
-    assert err <= 1.05 * rounding, f"{err / rounding:.3f}x the bf16 rounding"
+    views = _Correlated(70, 96, device)
+    _, err, _, _ = views.run("gram", "fp32")
+    assert err <= 1.05, f"{err:.3f}x the bf16 rounding"
     with pytest.raises(ValueError, match="'input', 'tf32' or 'fp32'"):
-        bt.barlow_twins_fwd(z1, z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp64")
+        bt.barlow_twins_fwd(views.z1, views.z2, 0.0051, 1.0, 1e-5, "gram", grad_precision="fp64")
 
 
 def test_gram_split_paths_are_both_exercised(device):

@@ -45,19 +45,14 @@ def accuracy_and_variants():
     import kernels.barlow_twins as bt
     from kernels.barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from helpers import device_copy_rate, device_matmul_rate  # tests/helpers.py
+
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton",
           __import__("triton").__version__, flush=True)
     res = {"device": torch.cuda.get_device_name()}
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    res["matmul_bf16_tflop_s"] = 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
-    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    res["copy_tb_s"] = 2 * src.nbytes / (ms * 1e-3) / 1e12
-    del a, b, src, dst
-    torch.cuda.empty_cache()
+    res["matmul_bf16_tflop_s"] = device_matmul_rate() / 1e12
+    res["copy_tb_s"] = device_copy_rate() / 1e12
     SUMMARY.append(f"rates: bf16 matmul {res['matmul_bf16_tflop_s']:.0f} TFLOP/s, "
                    f"copy {res['copy_tb_s']:.2f} TB/s")
     print(SUMMARY[-1], flush=True)

@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/helpers.py
-from helpers import rel_err  # noqa: E402
+from helpers import device_copy_rate, rel_err  # noqa: E402
 
 BATCH = 256
 SHAPES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]
@@ -43,22 +43,11 @@ def _bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def _copy_rate() -> float:
-    src = torch.randn(2 ** 29, device=DEVICE, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    import triton.testing
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    rate = 2 * src.nbytes / (ms * 1e-3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return rate
-
-
 def sweep(out_path: str, deadline_s: float, layouts=("nchw", "cl")) -> None:
     from kernels import sqrt_pool as sp
     from kernels import sqrt_pool2d_ref
     t_end = time.time() + deadline_s
-    rate = _copy_rate()
+    rate = device_copy_rate(DEVICE)
     print(f"copy rate {rate / 1e12:.3f} TB/s (read + write, 1 GiB bf16 copy, do_bench median)")
     rows = []
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE

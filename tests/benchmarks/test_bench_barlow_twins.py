@@ -15,7 +15,8 @@ rates measured in the same session, and measured / floor for the median.
 import pytest
 import torch
 
-from helpers import compile_static, rel_err
+from helpers import (compile_static, device_copy_rate, device_matmul_rate, peak_extra_mib,
+                     rel_err)
 from kernels.barlow_twins import barlow_twins_loss, barlow_twins_loss_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -26,7 +27,6 @@ BATCHES = [256, 1024, 2048]
 PROVIDERS = ["fused_auto", "fused_gram", "fused_cross", "torch", "torch_compile"]
 ROUNDS = 20
 SETS = 4
-MIB = 2 ** 20
 
 _compiled = {}
 
@@ -53,30 +53,7 @@ def _loss_fn(provider):
 @pytest.fixture(scope="module")
 def rates():
     """(bf16 matmul flop/s on random 8192^3 data, copy bytes/s counting read + write)."""
-    import triton.testing
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    flops = 2 * 8192 ** 3 / (ms * 1e-3)
-    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    copy = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del a, b, src, dst
-    torch.cuda.empty_cache()
-    return flops, copy
-
-
-def _peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak / MIB
+    return device_matmul_rate(), device_copy_rate()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -102,7 +79,7 @@ def test_bench_barlow_twins(benchmark, n, provider, rates):
 
     for _ in range(3):  # compile (Triton / inductor) outside the timing
         run()
-    peak = _peak_extra_mib(run)
+    peak = peak_extra_mib(run)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     flop_rate, copy_rate = rates
     flops = min(8 * n * n * D, 6 * n * D * D)

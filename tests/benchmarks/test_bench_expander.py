@@ -22,7 +22,7 @@ all; both rates measured in the same session.
 import pytest
 import torch
 
-from helpers import rel_err
+from helpers import device_copy_rate, device_matmul_rate, peak_extra_mib, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="benchmarks time CUDA kernels; no CUDA device here")
@@ -31,34 +31,12 @@ BATCH = 512  # images (256 image pairs)
 SHAPES = {"block1": (256, 56, 56, 2048), "block4": (2048, 7, 7, 2048)}  # Cin, H, W, Cout
 PROVIDERS = ["fused", "torch", "plain"]
 ROUNDS = 10
-MIB = 2 ** 20
-
-
-def _median_ms(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-
-
-def _copy_rate() -> float:
-    """Device copy rate in bytes/s, counting bytes read plus bytes written (1 GiB each way)."""
-    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * src.nbytes / (_median_ms(lambda: dst.copy_(src)) * 1e-3)
-
-
-def _matmul_rate() -> float:
-    """bf16 matmul rate in flop/s (8192^3)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    return 2 * 8192 ** 3 / (_median_ms(lambda: a @ a) * 1e-3)
 
 
 @pytest.fixture(scope="module")
 def rates():
-    """(copy rate, matmul rate), measured once per session; the buffers are freed after."""
-    out = _copy_rate(), _matmul_rate()
-    torch.cuda.empty_cache()
-    return out
+    """(copy rate, matmul rate), measured once per session."""
+    return device_copy_rate(), device_matmul_rate()
 
 
 def _head(provider: str, cin: int, cout: int):
@@ -73,15 +51,6 @@ def _grads(head, x, gp):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = head.pooled(x)
     return out, torch.autograd.grad(out, [x, *head.parameters()], gp)
-
-
-def _peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / MIB
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -109,7 +78,7 @@ def test_bench_expander(benchmark, block, provider, rates):
 
     for _ in range(3):  # Triton compile, cuBLAS / cuDNN heuristics
         run()
-    peak = _peak_extra_mib(run)
+    peak = peak_extra_mib(run)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=1, iterations=1)
     copy_rate, mm_rate = rates
     flops = 6 * BATCH * hgt * wid * cin * cout

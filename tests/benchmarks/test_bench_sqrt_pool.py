@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import compile_static, rel_err
+from helpers import compile_static, device_copy_rate, peak_extra_mib, rel_err
 from kernels import sqrt_pool2d, sqrt_pool2d_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -25,7 +25,6 @@ WINDOWS = [(2, 2), (3, 2)]  # (kernel, stride)
 PROVIDERS = ["fused", "torch", "torch_compile"]
 MODES = ["forward", "full"]
 ROUNDS = 25
-MIB = 2 ** 20
 
 _compiled = {}
 
@@ -39,17 +38,7 @@ def _lp_compiled():
 
 @pytest.fixture(scope="module")
 def copy_rate() -> float:
-    """Device copy rate in bytes/s, counting bytes read plus bytes written (1 GiB each way)."""
-    import triton.testing
-
-    src = torch.randn(2 ** 29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200,
-                                 return_mode="median")
-    rate = 2 * src.numel() * src.element_size() / (ms * 1e-3)
-    del src, dst
-    torch.cuda.empty_cache()
-    return rate
+    return device_copy_rate()
 
 
 def _op(provider):
@@ -57,15 +46,6 @@ def _op(provider):
         return lambda x, k, s: sqrt_pool2d(x, k, s)
     lp = _lp_compiled() if provider == "torch_compile" else F.lp_pool2d
     return lambda x, k, s: lp(x, 2, k, s)
-
-
-def _peak_extra_mib(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / MIB
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -102,7 +82,7 @@ def test_bench_sqrt_pool(benchmark, chw, k, s, provider, mode, copy_rate):
     del y0
     for _ in range(3):  # compile (Triton / inductor), the fused launcher's one-time tuning
         run()
-    peak = _peak_extra_mib(run)
+    peak = peak_extra_mib(run)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2, iterations=1)
     floor_ms = n_bytes / copy_rate * 1e3
     info = dict(provider=provider, mode=mode, shape=[BATCH, C, H, W], kernel=k, stride=s,

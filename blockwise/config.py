@@ -94,6 +94,12 @@ class Config:
                            "activation memory of a step, for one extra forward (no graph) of each "
                            "block and head; exact (per-view BatchNorm statistics as in the joint "
                            "step). Applies to every mode, e2e included")
+    activation_checkpointing: bool = _f(False, "keep only each residual unit's input (block 1's "
+                                        "stem as one unit) and recompute the unit's activations "
+                                        "in the backward: a fraction of the activation memory for "
+                                        "about one extra forward of each trained block; exact "
+                                        "(BatchNorm's running statistics are updated once). "
+                                        "Applies to every mode, e2e included")
     noise_std: float = _f(0.0, "noise at block outputs during training: x + std * N(0,1) * std(x) "
                           "(the paper uses 0.25; 0 = off)")
     # ---- loss
@@ -381,7 +387,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 #: settings a resumed run may change (they do not alter the training trajectory)
 RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
                   "probe_batch_size", "probe_control", "profile", "profile_warmup", "profile_phases",
-                  "checkpoint",
+                  "checkpoint", "activation_checkpointing",  # exact: the same trajectory
                   "out", "resume")
 
 

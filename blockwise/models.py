@@ -19,6 +19,8 @@ loss batch-normalises the last output).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional
@@ -84,6 +86,76 @@ def build_blocks(arch: str, small_stem: bool) -> nn.ModuleList:
         nn.Sequential(OrderedDict((name, getattr(net, name)) for name in names))
         for names in BLOCK_LAYERS
     )
+
+
+def forward_block(block: nn.Module, x: torch.Tensor, checkpointed: bool = False) -> torch.Tensor:
+    """``block(x)``; with ``checkpointed`` (``--activation-checkpointing``) and autograd recording,
+    each residual unit (and block 1's stem as one piece) keeps only its input for the backward
+    and recomputes its activations there: about one extra forward of the block for a fraction of
+    its activation memory.
+
+    Exact: the recomputation normalises with the same batch statistics, and it does not update
+    BatchNorm's running statistics or batch counters a second time. ``block`` is one of
+    :func:`build_blocks`' blocks (or any ``nn.Sequential``, which is then split at its
+    children, nested ``nn.Sequential`` children at theirs).
+    """
+    if not (checkpointed and torch.is_grad_enabled() and block.training):
+        return block(x)
+    from torch.utils.checkpoint import checkpoint
+    for segment in _segments(block):
+        x = checkpoint(_run_segment, segment, x, use_reentrant=False, preserve_rng_state=False,
+                       context_fn=functools.partial(_recompute_context, segment))
+    return x
+
+
+def _segments(block: nn.Module) -> List[List[nn.Module]]:
+    """The pieces :func:`forward_block` checkpoints: consecutive plain children (the stem) as one,
+    each child of a nested ``nn.Sequential`` (a torchvision layer's residual units) alone."""
+    if not isinstance(block, nn.Sequential):
+        return [[block]]
+    pieces, run = [], []
+    for child in block.children():
+        if isinstance(child, nn.Sequential):
+            if run:
+                pieces.append(run)
+                run = []
+            pieces.extend([unit] for unit in child.children())
+        else:
+            run.append(child)
+    if run:
+        pieces.append(run)
+    return pieces
+
+
+def _run_segment(segment: List[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for module in segment:
+        x = module(x)
+    return x
+
+
+def _recompute_context(segment: List[nn.Module]):
+    return contextlib.nullcontext(), _batch_stats_only(segment)
+
+
+@contextlib.contextmanager
+def _batch_stats_only(segment: List[nn.Module]):
+    """BatchNorm layers of ``segment`` leave their running statistics and batch counters as they
+    were (the recomputation in backward must not record its batch a second time). The layers
+    still receive their buffers (momentum 0: running * 1 + batch * 0), so the recomputation saves
+    the same tensors as the forward did, as checkpoint's check requires."""
+    norms = [m for module in segment for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.sub_(1)
 
 
 def _block_prefix_to_torchvision(key: str) -> str:

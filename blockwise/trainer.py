@@ -174,22 +174,25 @@ class Stage(nn.Module):
     ``forward(x) -> (f, z)``: one view's block output and embedding (``--split-views``)."""
 
     def __init__(self, index: int, block: nn.Module, head: nn.Module, loss_fn: BarlowTwinsLoss,
-                 noise_std: float, prof=None):
+                 noise_std: float, prof=None, checkpointed: bool = False):
         super().__init__()
         self.index, self.block, self.head = index, block, head
-        self.loss_fn, self.noise_std = loss_fn, noise_std
+        self.loss_fn, self.noise_std, self.checkpointed = loss_fn, noise_std, checkpointed
         self.prof = prof or _NoProfiler()
+
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        y = models.forward_block(self.block, x, self.checkpointed)
+        return models.add_noise(y, self.noise_std, self.training)
 
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
         name = f"block{self.index + 1}"
         if x2 is None:
             with self.prof.window(f"{name}/forward"):
-                f = models.add_noise(self.block(x1), self.noise_std, self.training)
+                f = self._block(x1)
             with self.prof.window(f"{name}/head"):
                 return f, self.head(f)
         with self.prof.window(f"{name}/forward"):
-            f1 = models.add_noise(self.block(x1), self.noise_std, self.training)
-            f2 = models.add_noise(self.block(x2), self.noise_std, self.training)
+            f1, f2 = self._block(x1), self._block(x2)
         with self.prof.window(f"{name}/head"):
             loss = self.loss_fn(self.head(f1), self.head(f2))
         return f1, f2, loss
@@ -200,17 +203,18 @@ class EndToEnd(nn.Module):
     one view's block-4 output and embedding (``--split-views``)."""
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, loss_fn: BarlowTwinsLoss,
-                 noise_std: float, prof=None):
+                 noise_std: float, prof=None, checkpointed: bool = False):
         super().__init__()
         self.blocks, self.head = blocks, head
-        self.loss_fn, self.noise_std = loss_fn, noise_std
+        self.loss_fn, self.noise_std, self.checkpointed = loss_fn, noise_std, checkpointed
         self.prof = prof or _NoProfiler()
 
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
         views = [x1] if x2 is None else [x1, x2]
         for k, block in enumerate(self.blocks):
             with self.prof.window(f"block{k + 1}/forward"):
-                views = [models.add_noise(block(x), self.noise_std, self.training) for x in views]
+                views = [models.add_noise(models.forward_block(block, x, self.checkpointed),
+                                          self.noise_std, self.training) for x in views]
         with self.prof.window("head"):
             if x2 is None:
                 return views[0], self.head(views[0])
@@ -376,7 +380,8 @@ class Trainer:
         if cfg.mode == "e2e":
             self.heads[3] = self._new_head(3)
             self.model = self._wrap(EndToEnd(self.blocks, self.heads[3], self.loss_fn,
-                                             cfg.noise_std, self.windows))
+                                             cfg.noise_std, self.windows,
+                                             cfg.activation_checkpointing))
             self.optimizers[3] = self._new_optimizer(nn.ModuleList([self.blocks, self.heads[3]]))
         elif cfg.mode == "simultaneous":
             for k in range(4):
@@ -430,7 +435,8 @@ class Trainer:
     def _start_stage(self, k: int) -> None:
         self.heads[k] = self._new_head(k)
         self.stages[k] = self._wrap(Stage(k, self.blocks[k], self.heads[k], self.loss_fn,
-                                          self.cfg.noise_std, self.windows))
+                                          self.cfg.noise_std, self.windows,
+                                          self.cfg.activation_checkpointing))
         self.optimizers[k] = self._new_optimizer(nn.ModuleList([self.blocks[k], self.heads[k]]))
 
     def _begin_block(self, b: int, ckpt: Optional[dict] = None) -> None:

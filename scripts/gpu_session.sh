@@ -10,6 +10,8 @@
 #                    default heads (expander 2048 at every block, as the paper)
 #   compare_split    the same with --split-views (each view back-propagated on its own)
 #   compare_noexp    the same with --expander 0 (the issue's prototype had no expander)
+#   compare_ckpt     the same with --activation-checkpointing (each residual unit recomputed)
+#   compare_ckpt_split  with --activation-checkpointing --split-views (the least memory)
 #   compare_store    the same with --no-expander-recompute (the expander's map stored)
 #   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
 #   energy           NVML counter vs power integration on >= 10 s windows
@@ -25,8 +27,9 @@
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
 # start-up when it went cold; guards in seconds):
 #   1. PARTS="cuda_tests compare_default independent"        (150 + 170 + 120)
-#   2. PARTS="compare_split compare_noexp energy bt_bench"    (150 + 130 + 75 + 90)
-#   3. PARTS="expander_bench maxbatch"                        (90 + 420; maxbatch starts a fresh
+#   2. PARTS="compare_split compare_ckpt compare_noexp bt_bench"   (150 + 160 + 130 + 90)
+#   3. PARTS="compare_ckpt_split energy expander_bench"      (160 + 75 + 90)
+#   4. PARTS="maxbatch"                                       (420; maxbatch starts a fresh
 #      training process per probe, ~20-30 s each, 3 modes x 4 probes)
 #   later: PARTS="learning" EPOCHS=80 MODES=e2e, then MODES=simultaneous (one mode per call at 80
 #      epochs; DATA needed only here; scripts/learning_summary.py puts the calls together)
@@ -41,8 +44,8 @@ BUDGET_S=${BUDGET_S:-570}; ARCH=${ARCH:-resnet50}; IMG=${IMG:-224}; BATCH=${BATC
 PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
-VALID="cuda_tests compare_default compare_split compare_noexp compare_store independent energy
-       maxbatch bt_bench expander_bench learning"
+VALID="cuda_tests compare_default compare_split compare_noexp compare_store compare_ckpt
+       compare_ckpt_split independent energy maxbatch bt_bench expander_bench learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
     case " $(echo $VALID) " in *" $part "*) ;; *)
         echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
@@ -81,6 +84,12 @@ for part in $PARTS; do
             guard compare_default 170 "${COMPARE[@]}" --out "$WORK/compare_default" ;;
         compare_split)
             guard compare_split 150 "${COMPARE[@]}" --out "$WORK/compare_split" -- --split-views ;;
+        compare_ckpt)
+            guard compare_ckpt 160 "${COMPARE[@]}" --out "$WORK/compare_ckpt" \
+                -- --activation-checkpointing ;;
+        compare_ckpt_split)
+            guard compare_ckpt_split 160 "${COMPARE[@]}" --out "$WORK/compare_ckpt_split" \
+                -- --activation-checkpointing --split-views ;;
         compare_noexp)
             guard compare_noexp 130 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
         compare_store)
@@ -115,7 +124,7 @@ for part in $PARTS; do
 done
 
 say ""; say "== tables =="
-for r in compare_default compare_split compare_noexp compare_store; do
+for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split; do
     if [ -f "$WORK/$r/report.md" ]; then
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi

@@ -1,4 +1,5 @@
 """blockwise.models: blocks vs torchvision, shapes, heads, the loss dispatch, noise, export."""
+import copy
 import pytest
 import torch
 import torch.nn as nn
@@ -262,3 +263,25 @@ def test_export_sees_through_compile_wrappers():
     assert torch.equal(sd["layer2.0.conv1.weight"], blocks[1].layer2[0].conv1.weight)
     with pytest.raises(TypeError, match="build_blocks"):
         export_torchvision_state_dict(nn.ModuleList([nn.Sequential()] * 4), "resnet18")
+
+
+def test_forward_block_checkpointed_segments_and_exactness():
+    blocks = models.build_blocks("resnet18", True)
+    seg = models._segments(blocks[0])
+    assert [len(s) for s in seg] == [4, 1, 1]  # the stem (conv1, bn1, relu, maxpool), 2 units
+    assert [len(s) for s in models._segments(blocks[3])] == [1, 1]
+    x = torch.randn(4, 64, 8, 8)
+    plain, ckpt = blocks[1], copy.deepcopy(blocks[1])
+    y0 = plain(x)
+    y1 = models.forward_block(ckpt, x, checkpointed=True)
+    torch.testing.assert_close(y1, y0)
+    y0.square().sum().backward()
+    y1.square().sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), ckpt.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs: the recomputation updated it again"
+    assert int(ckpt.layer2[0].bn1.num_batches_tracked) == 1
+    assert ckpt.layer2[0].bn1.momentum == plain.layer2[0].bn1.momentum  # restored
+    with torch.no_grad():  # no graph: nothing to checkpoint, the plain call
+        torch.testing.assert_close(models.forward_block(ckpt.eval(), x, True), plain.eval()(x))

@@ -36,7 +36,8 @@ def _tiny_stage_parts():
     return block, head, x1, x2
 
 
-def _worker(rank: int, store_path: str, use_kernel: bool, out_dir: str) -> None:
+def _worker(rank: int, store_path: str, use_kernel: bool, out_dir: str,
+            checkpointed: bool = False) -> None:
     torch.set_num_threads(1)
     # A FileStore, not a TCPStore hosted by rank 0: with TCP, rank 0 could exit while rank 1 was
     # still talking to its store thread and die with SIGABRT ("terminate called without an
@@ -58,7 +59,7 @@ def _worker(rank: int, store_path: str, use_kernel: bool, out_dir: str) -> None:
         # WORLD processes, each with its rows, exactly as Trainer.train_step does it
         block, head, _, _ = _tiny_stage_parts()
         loss_fn = BarlowTwinsLoss(0.0051, 0.5, fused=use_kernel, world_size=WORLD)
-        stage = DDP(Stage(0, block, head, loss_fn, 0.0))
+        stage = DDP(Stage(0, block, head, loss_fn, 0.0, checkpointed=checkpointed))
         rows = slice(rank * LOCAL, (rank + 1) * LOCAL)
         _, _, loss = stage(x1[rows], x2[rows])
         (loss * loss_fn.grad_factor).backward()
@@ -71,15 +72,17 @@ def _worker(rank: int, store_path: str, use_kernel: bool, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("use_kernel", [
-    False,
-    pytest.param(True, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("use_kernel,checkpointed", [
+    (False, False),
+    (False, True),  # --activation-checkpointing under DDP: the recomputation in backward
+    pytest.param(True, False, marks=pytest.mark.skipif(
         not kernels.triton_can_run_on(torch.device("cpu")),
         reason="kernels.barlow_twins_loss cannot run on this CPU (needs TRITON_INTERPRET=1)")),
 ])
-def test_ddp_gradient_equals_single_process_on_concatenated_batch(tmp_path, use_kernel):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), use_kernel, str(tmp_path)), nprocs=WORLD,
-             join=True)
+def test_ddp_gradient_equals_single_process_on_concatenated_batch(tmp_path, use_kernel,
+                                                                  checkpointed):
+    mp.spawn(_worker, args=(str(tmp_path / "store"), use_kernel, str(tmp_path), checkpointed),
+             nprocs=WORLD, join=True)
     for rank in range(WORLD):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["uses_kernel"] == use_kernel

@@ -110,8 +110,9 @@ def peak_extra_mib(fn) -> float:
 
 class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of the tensor storages created under this mode that are still alive (``current``)
-    and their maximum (``peak``): every op's outputs are counted once per storage, until the
-    storage is freed. Tensors that existed before the mode (parameters, inputs) are not counted."""
+    and their maximum (``peak``): every op's new outputs are counted once per storage, until the
+    storage is freed. Tensors that existed before the mode (parameters, optimizer state, inputs)
+    are not counted, nor are their in-place updates."""
 
     def __init__(self):
         super().__init__()
@@ -124,12 +125,15 @@ class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         import weakref
+        leaves = torch.utils._pytree.tree_leaves
+        inputs = {t.untyped_storage()._cdata for t in leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in leaves(out):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key not in self._live:
+                if key not in self._live and key not in inputs:  # new (not an in-place result)
                     n = storage.nbytes()
                     self._live[key] = weakref.ref(storage, lambda _, k=key, n=n: self._freed(k, n))
                     self.current += n

@@ -100,7 +100,10 @@ def _step_foreach(params: List[torch.Tensor], mus: List[torch.Tensor], group: di
             d = grads
         q = _trust_ratio(torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d)),
                          group["eta"])
-        d = torch._foreach_mul(d, list(q.unbind()))
+        if d is grads:  # the gradients are the caller's: a scaled copy
+            d = torch._foreach_mul(d, list(q.unbind()))
+        else:  # d is this step's own buffer: scale it in place (one copy of the gradients, not two)
+            torch._foreach_mul_(d, list(q.unbind()))
     torch._foreach_mul_(mus, group["momentum"])
     torch._foreach_add_(mus, d)
     torch._foreach_add_(params, mus, alpha=-group["lr"])

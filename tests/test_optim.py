@@ -85,7 +85,10 @@ def test_lars_multi_tensor_path_matches_loop():
         for _ in range(3):
             for w in weights:
                 w.grad = torch.randn_like(w)
+            grads = [w.grad.clone() for w in weights]
             opt.step()
+            for w, g in zip(weights, grads):  # the step leaves the gradients as they were
+                assert torch.equal(w.grad, g)
         runs.append([w.detach().clone() for w in weights] + [no_grad.detach().clone()])
     for k, (a, b) in enumerate(zip(*runs)):
         assert_close(b, a, rtol=1e-6, atol=1e-7, name=f"param {k}")

@@ -25,6 +25,7 @@ PY=${PYTHON:-python}
 MARGIN=${MARGIN:-3}
 MODES=${MODES:-e2e simultaneous}   # one mode per device call for long runs (80 epochs)
 TAG=${TAG:-}                       # run-directory suffix for ablations, e.g. TAG=_sqrt --pool sqrt
+# PARALLEL=1: the modes run at the same time (see below)
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 
 COMMON=(--dataset imagefolder --data-dir "$DATA" --image-size 32 --arch resnet18 --small-stem
@@ -32,10 +33,29 @@ COMMON=(--dataset imagefolder --data-dir "$DATA" --image-size 32 --arch resnet18
         --precision bf16 --channels-last --fused --epochs "$EPOCHS" --probe-epochs 100
         --no-checkpoint --log-interval 10 "$@")
 
-for mode in $MODES; do
-    start=$(date +%s)
-    "$PY" -m blockwise.train --mode "$mode" "${COMMON[@]}" --out "$OUT/$mode$TAG"
-    echo "== $mode$TAG: $(( $(date +%s) - start )) s wall (process start to probe end)"
-done
+if [ "${PARALLEL:-0}" = 1 ]; then
+    # The modes at once, one process each, sharing the GPU (a ResNet-18 at 32 px does not fill an
+    # H100) and the CPU cores (loader workers split between them); logs in $OUT/<run>.log.
+    # Step rates of concurrent runs are not those of a run alone: use them for learning only.
+    set -- $MODES; count=$#
+    workers=$(( ($(nproc) - 1) / count )); [ "$workers" -lt 1 ] && workers=1
+    mkdir -p "$OUT"; pids=()
+    for mode in $MODES; do
+        "$PY" -m blockwise.train --mode "$mode" "${COMMON[@]}" --workers "$workers" \
+            --out "$OUT/$mode$TAG" > "$OUT/$mode$TAG.log" 2>&1 &
+        pids+=($!)
+    done
+    start=$(date +%s); failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    for mode in $MODES; do tail -n 25 "$OUT/$mode$TAG.log"; done
+    echo "== $MODES$TAG in parallel: $(( $(date +%s) - start )) s wall"
+    [ "$failed" = 0 ] || { echo "a run failed (logs in $OUT)" >&2; exit 1; }
+else
+    for mode in $MODES; do
+        start=$(date +%s)
+        "$PY" -m blockwise.train --mode "$mode" "${COMMON[@]}" --out "$OUT/$mode$TAG"
+        echo "== $mode$TAG: $(( $(date +%s) - start )) s wall (process start to probe end)"
+    done
+fi
 
 "$PY" scripts/learning_summary.py "$OUT" --margin "$MARGIN"

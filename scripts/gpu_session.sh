@@ -31,8 +31,10 @@
 #   3. PARTS="compare_ckpt_split energy expander_bench"      (160 + 75 + 90)
 #   4. PARTS="maxbatch"                                       (420; maxbatch starts a fresh
 #      training process per probe, ~20-30 s each, 3 modes x 4 probes)
-#   later: PARTS="learning" EPOCHS=80 MODES=e2e, then MODES=simultaneous (one mode per call at 80
-#      epochs; DATA needed only here; scripts/learning_summary.py puts the calls together)
+#   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
+#      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
+#      call at 80 epochs (MODES=e2e, then MODES=simultaneous); DATA needed only here;
+#      scripts/learning_summary.py puts calls together; ablations: TAG=_sqrt LEARN_ARGS="--pool sqrt"
 # Settings for a CPU dry run of the script itself: ARCH=resnet18 IMG=16 BATCH=8 PROJ=32-32
 # DEVICE=cpu STEPS=2 WARMUP=1 EPOCHS=1 PARTS="compare_default learning".
 set -uo pipefail

@@ -396,6 +396,9 @@ class Trainer:
         self.data_wait_s = self.sample_time_s = 0.0
         self.samples = 0
         self.measured_steps = 0
+        #: with --profile, one record per measured segment (a block in sequential mode, else the
+        #: run): bytes of parameters and optimizer state resident at its end (profile.json meta)
+        self.resident: List[Dict[str, int]] = []
         torch.manual_seed(_mix(cfg.seed, 3, self.dist.rank))  # the noise generator
         self._resume_ckpt: Optional[dict] = None
         if cfg.resume:
@@ -515,6 +518,8 @@ class Trainer:
                         if st.batch == self.steps_per_epoch:  # the epoch is complete
                             st.epoch, st.batch = st.epoch + 1, 0
                             self.save_checkpoint()
+                    if measuring:  # still inside the segment: its heads and optimizer state
+                        self.resident.append(self.resident_bytes())
                 if st.block_step < total:  # stopped by --max-steps
                     break
                 if cfg.mode == "sequential":
@@ -677,6 +682,22 @@ class Trainer:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def resident_bytes(self) -> Dict[str, int]:
+        """Bytes of the tensors that live across steps: parameters (blocks and the heads that
+        exist now, fp32 master weights) and optimizer state (LARS momentum, Adam moments).
+        Each storage is counted once."""
+        def nbytes(tensors) -> int:
+            seen = {}
+            for t in tensors:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            return sum(seen.values())
+        modules = [self.blocks] + [h for h in self.heads if h is not None]
+        params = [p for m in modules for p in m.parameters()]
+        state = [t for o in self.optimizers if o is not None for st in o.state.values()
+                 for t in st.values() if torch.is_tensor(t)]
+        return {"parameters_bytes": nbytes(params), "optimizer_state_bytes": nbytes(state)}
 
     # ---- memory per block (CUDA; with --profile the profiler measures it instead) ------------
     def _mem_begin(self) -> None:

@@ -214,7 +214,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
     """
     keys = ("images", "time_s", "throughput_img_s", "time_per_image_ms", "energy_per_image_j",
             "mean_power_w", "cpu_energy_per_image_j", "peak_allocated_gib", "peak_reserved_gib",
-            "nvml_used_gib", "energy_method", "oom_count", "sampled_energy_per_image_j")
+            "nvml_used_gib", "energy_method", "oom_count", "sampled_energy_per_image_j",
+            "parameters_gib", "optimizer_state_gib", "rest_at_peak_gib")
     if r.profile is None:
         why = r.error or f"run {r.status}"
         if r.status == "oom":
@@ -237,6 +238,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         "oom_count": run.get("oom_count"),
         "mean_power_w": run.get("mean_power_w"),
     }
+    breakdown, breakdown_reasons = memory_breakdown(r.profile)
+    met.update(breakdown)
     per_block: List[dict] = []
     basis = "run"
     segs = _segments_by_block(r.profile) if r.mode == "sequential" else None
@@ -298,7 +301,9 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
     for k in keys:
         if met.get(k) is not None:
             continue
-        if k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "oom_count"):
+        if k in breakdown_reasons:
+            reasons[k] = breakdown_reasons[k]
+        elif k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "oom_count"):
             reasons[k] = m_reason if k != "nvml_used_gib" or unav.get("memory") else \
                 "NVML memory not measured"
         elif k in ("energy_per_image_j", "mean_power_w", "energy_method",
@@ -309,6 +314,39 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         else:
             reasons[k] = "nothing measured" if not run.get("images") else "not measured"
     return met, reasons, per_block, basis
+
+
+GIB = float(1 << 30)
+NO_RESIDENT = ("parameters and optimizer state not recorded (profile.json written by a trainer "
+               "before this report version)")
+
+
+def memory_breakdown(profile: dict) -> Tuple[Dict[str, Optional[float]], Dict[str, str]]:
+    """The peak split into what lives across steps and the rest, at the measured segment with
+    the highest peak (sequential: the block that sets the run's peak):
+    parameters_gib, optimizer_state_gib (exact tensor bytes, recorded by the trainer at the end
+    of each measured segment: meta["resident"]) and rest_at_peak_gib = peak allocated - both
+    (activations, gradients, the loss's buffers, workspaces). Returns (values, reasons for the
+    None ones)."""
+    keys = ("parameters_gib", "optimizer_state_gib", "rest_at_peak_gib")
+    resident = (profile.get("meta") or {}).get("resident")
+    segs = profile["run"].get("segments") or []
+    if not resident or len(resident) != len(segs):
+        return {k: None for k in keys}, {k: NO_RESIDENT for k in keys}
+    peaks = [sg.get("peak_allocated_gib") for sg in segs]
+    if all(p is not None for p in peaks):
+        i = max(range(len(segs)), key=lambda j: peaks[j])
+    else:  # no device memory (CPU): the segment holding the most
+        i = max(range(len(segs)), key=lambda j: sum(resident[j].values()))
+    params = resident[i]["parameters_bytes"] / GIB
+    state = resident[i]["optimizer_state_bytes"] / GIB
+    rest = None if peaks[i] is None else peaks[i] - params - state
+    reasons = {}
+    if rest is None:
+        reasons["rest_at_peak_gib"] = ((profile["run"].get("unavailable") or {}).get("memory")
+                                       or "memory not measured")
+    return {"parameters_gib": params, "optimizer_state_gib": state,
+            "rest_at_peak_gib": rest}, reasons
 
 
 def phase_reasons(r: RunResult) -> Dict[str, str]:
@@ -361,6 +399,12 @@ SUMMARY_COLUMNS = [
     ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
     ("energy_per_image_j", "energy/pair (J)", "{:.3f}", True),
     ("mean_power_w", "mean power (W)", "{:.0f}", True),
+]
+BREAKDOWN_COLUMNS = [
+    ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
+    ("parameters_gib", "parameters (GiB)", "{:.2f}", True),
+    ("optimizer_state_gib", "optimizer state (GiB)", "{:.2f}", True),
+    ("rest_at_peak_gib", "activations, gradients, workspace (GiB)", "{:.2f}", True),
 ]
 DETAIL_COLUMNS = [
     ("nvml_used_gib", "NVML used (GiB)", "{:.2f}", True),
@@ -555,6 +599,9 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     tables = {
         "summary": _build_table("Summary (measured steps only)", SUMMARY_COLUMNS, rows, base_met,
                                 base_reason or "no e2e run", "x e2e"),
+        "memory": _build_table("Peak memory: what lives across steps and the rest",
+                               BREAKDOWN_COLUMNS, rows, base_met, base_reason or "no e2e run",
+                               "x e2e"),
         "detail": _build_table("Detail", DETAIL_COLUMNS, rows, base_met,
                                base_reason or "no e2e run", "x e2e"),
     }
@@ -604,6 +651,12 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "the measured steps); peak reserved: the allocator's segments; NVML used: device memory "
         "in use by all processes incl. the CUDA context, read at the end of each measured "
         "segment.",
+        "Peak memory breakdown: parameters (the fp32 master weights of the blocks and of the "
+        "heads that exist) and optimizer state (e.g. LARS momentum) are the exact bytes of "
+        "those tensors at the end of the measured segment that sets the run's peak "
+        "(sequential: usually block 1, with its own head only); the rest is peak allocated "
+        "minus both: activations kept for backward, gradients, the loss's buffers and "
+        "workspaces at the peak moment.",
         "Energy: NVML's total-energy counter (mJ) read after a device synchronize at both ends "
         "of each window (or, where the counter is unsupported, the trapezoid integral of power "
         "samples); GPU only, the CPU (RAPL) column is separate. Windows shorter than the "
@@ -669,7 +722,8 @@ def render_markdown(rep: dict) -> str:
         out += ["", f"**{r['label']}: {r['status']}** (exit code {r['exit_code']}): "
                     f"{(r['error'] or '').strip()[:300]}"]
     footnotes: List[str] = []
-    sections = [("summary", "## Summary"), ("per_block", "## Per block"),
+    sections = [("summary", "## Summary"), ("memory", "## Peak memory breakdown"),
+                ("per_block", "## Per block"),
                 ("phases", "## Time per phase"), ("detail", "## Detail")]
     for key, heading in sections:
         t = rep["tables"][key]

@@ -42,7 +42,7 @@ def check_ratios(rep):
     checked = 0
     for name, table in rep["tables"].items():
         for key, bval in table["baseline"].items():
-            if name in ("summary", "detail", "per_block"):
+            if name in ("summary", "memory", "detail", "per_block"):
                 assert bval == base["metrics"].get(key), (name, key)
             elif name == "phases":
                 assert bval == base["phases_ms_per_image"][key]
@@ -115,7 +115,7 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
     check_ratios(rep)
     md = open(out / "report.md").read()
     assert "n/a (CPU run)" in md
-    summary = md.split("## Summary")[1].split("## Per block")[0]
+    summary = md.split("## Summary")[1].split("## Peak memory breakdown")[0]
     # columns unmeasured in every run are left out of the pasted table and named under it
     header = next(l for l in summary.splitlines() if l.startswith("| run"))
     for label in ("peak allocated (GiB)", "energy/pair (J)", "mean power (W)"):
@@ -131,6 +131,41 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert len(cells) == header.count("|") - 1 and float(cells[1]) > 0, cells
     assert "## Not measured" in md and "device is cpu" in md
+
+
+def test_peak_memory_breakdown(monkeypatch, tmp_path):
+    gib = 1 << 30
+    resident = {"e2e": [(0.5, 0.5)], "simultaneous": [(2.0, 1.75)],
+                "sequential": [(1.0, 0.75), (1.25, 0.5), (1.5, 0.25), (1.75, 0.125)]}
+    runs = []
+    for i, mode in enumerate(resident):
+        d = tmp_path / "runs" / mode
+        meta = {"resident": [{"parameters_bytes": int(p * gib), "optimizer_state_bytes":
+                              int(o * gib)} for p, o in resident[mode]]}
+        prof = make_profile(monkeypatch, str(d / "profile.json"), mode, slow=1.0 + 0.3 * i,
+                            meta_extra=meta)
+        runs.append(RunResult(mode, str(d), prof))
+    runs.append(RunResult("e2e-old", str(tmp_path / "old"),
+                          make_profile(monkeypatch, str(tmp_path / "old" / "profile.json"), "e2e")))
+    rep = write_report(runs, str(tmp_path / "report"))
+    rows = {r["label"].split(" (")[0]: r for r in rep["tables"]["memory"]["rows"]}
+    for mode, run in zip(resident, runs):
+        segs = run.profile["run"]["segments"]
+        i = max(range(len(segs)), key=lambda j: segs[j]["peak_allocated_gib"])
+        p, o = resident[mode][i]
+        cells = rows[mode]["cells"]
+        assert cells["parameters_gib"] == pytest.approx(p)
+        assert cells["optimizer_state_gib"] == pytest.approx(o)
+        assert cells["rest_at_peak_gib"] == pytest.approx(segs[i]["peak_allocated_gib"] - p - o)
+    # sequential: the block with the highest peak (block 1 in the factory: the most activations)
+    assert rows["sequential"]["cells"]["parameters_gib"] == pytest.approx(1.0)
+    assert check_ratios(rep) > 0
+    old = rows["e2e-old"]
+    assert old["cells"]["parameters_gib"] is None and "not recorded" in old["na"]["parameters_gib"]
+    md = open(tmp_path / "report" / "report.md").read()
+    section = md.split("## Peak memory breakdown")[1].split("## Per block")[0]
+    assert "| run | peak allocated (GiB) |" in section and "optimizer state (GiB)" in section
+    assert "n/a (parameters and opt" in section  # the old profile's cells say why
 
 
 def test_md_table_keeps_partly_measured_columns():
@@ -407,6 +442,13 @@ def test_compare_on_cpu(tmp_path):
     rows = {r["label"]: r["cells"] for r in rep["tables"]["summary"]["rows"]}
     assert rows["e2e"]["throughput_img_s"] > 0
     assert rows["e2e"]["peak_allocated_gib"] is None  # CPU: n/a, not 0
+    # what lives across steps is measured on CPU too (exact tensor bytes); LARS keeps one
+    # momentum per trainable parameter, and sequential trains block 1 and its head only
+    mem = {r["label"].split(" (")[0]: r["cells"] for r in rep["tables"]["memory"]["rows"]}
+    assert mem["e2e"]["optimizer_state_gib"] == pytest.approx(mem["e2e"]["parameters_gib"])
+    assert mem["simultaneous"]["parameters_gib"] > mem["e2e"]["parameters_gib"]  # 4 heads
+    assert 0 < mem["sequential"]["optimizer_state_gib"] < mem["sequential"]["parameters_gib"]
+    assert all(m["rest_at_peak_gib"] is None for m in mem.values())
     seq = next(r for r in rep["runs"] if r["mode"] == "sequential")
     assert len(seq["per_block"]) == 4 and seq["per_image_basis"].startswith("sum over 4")
     for r in rep["runs"]:

@@ -124,7 +124,7 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
         if cfg.profile and main:
             meta = {**cfg.to_dict(), "warmup_steps": cfg.profile_warmup,
                     "measured_steps": trainer.measured_steps, "world_size": info.world_size,
-                    "resident": trainer.resident,
+                    "resident": trainer.resident, "flops_per_step": trainer.flops_per_step,
                     "fused_kernels_used": trainer.fused,
                     "loss_uses_kernel": trainer.loss_fn.use_kernel}
             trainer.prof.save(os.path.join(cfg.out, "profile.json"), meta=meta)

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
 from blockwise import data, models, optim
@@ -399,6 +400,12 @@ class Trainer:
         #: with --profile, one record per measured segment (a block in sequential mode, else the
         #: run): bytes of parameters and optimizer state resident at its end (profile.json meta)
         self.resident: List[Dict[str, int]] = []
+        #: with --profile, per measured segment: matmul and convolution flops of one training
+        #: step on this process (forward, backward, recomputation), counted by
+        #: torch.utils.flop_counter in the segment's last warm-up step; None: not counted (no
+        #: warm-up step in this process)
+        self.flops_per_step: List[Optional[int]] = []
+        self._flops_counted: Optional[int] = None
         torch.manual_seed(_mix(cfg.seed, 3, self.dist.rank))  # the noise generator
         self._resume_ckpt: Optional[dict] = None
         if cfg.resume:
@@ -505,7 +512,14 @@ class Trainer:
                                 measured.enter_context(self.prof.measure())
                                 measuring = True
                             lr = optim.warmup_cosine(st.block_step, total, warmup, self.base_lr)
-                            losses = self.train_step(x1, x2, lr, b)
+                            if self.prof.enabled and st.block_step == cfg.profile_warmup - 1:
+                                # the last warm-up step: outside the measured part, so the
+                                # counter's per-op overhead costs no measured time
+                                with FlopCounterMode(display=False) as counter:
+                                    losses = self.train_step(x1, x2, lr, b)
+                                self._flops_counted = int(counter.get_total_flops())
+                            else:
+                                losses = self.train_step(x1, x2, lr, b)
                             st.step += 1
                             st.block_step += 1
                             st.batch += 1
@@ -520,6 +534,8 @@ class Trainer:
                             self.save_checkpoint()
                     if measuring:  # still inside the segment: its heads and optimizer state
                         self.resident.append(self.resident_bytes())
+                        self.flops_per_step.append(self._flops_counted)
+                self._flops_counted = None
                 if st.block_step < total:  # stopped by --max-steps
                     break
                 if cfg.mode == "sequential":

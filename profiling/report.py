@@ -215,7 +215,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
     keys = ("images", "time_s", "throughput_img_s", "time_per_image_ms", "energy_per_image_j",
             "mean_power_w", "cpu_energy_per_image_j", "peak_allocated_gib", "peak_reserved_gib",
             "nvml_used_gib", "energy_method", "oom_count", "sampled_energy_per_image_j",
-            "parameters_gib", "optimizer_state_gib", "rest_at_peak_gib")
+            "parameters_gib", "optimizer_state_gib", "rest_at_peak_gib", "gflop_per_pair",
+            "achieved_tflops")
     if r.profile is None:
         why = r.error or f"run {r.status}"
         if r.status == "oom":
@@ -297,12 +298,17 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
                 "short_windows": w.get("short_windows"),
                 "energy_unavailable": (NOT_TIMED if not timed else
                                        e_reason if w.get("energy_j") is None else None)})
+    arithmetic, arithmetic_reasons = _arithmetic(r.profile, r.mode, segs,
+                                                 met.get("throughput_img_s"))
+    met.update(arithmetic)
     reasons: Dict[str, str] = {}
     for k in keys:
         if met.get(k) is not None:
             continue
         if k in breakdown_reasons:
             reasons[k] = breakdown_reasons[k]
+        elif k in arithmetic_reasons:
+            reasons[k] = arithmetic_reasons[k]
         elif k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib", "oom_count"):
             reasons[k] = m_reason if k != "nvml_used_gib" or unav.get("memory") else \
                 "NVML memory not measured"
@@ -347,6 +353,40 @@ def memory_breakdown(profile: dict) -> Tuple[Dict[str, Optional[float]], Dict[st
                                        or "memory not measured")
     return {"parameters_gib": params, "optimizer_state_gib": state,
             "rest_at_peak_gib": rest}, reasons
+
+
+NO_FLOPS = "flops not recorded (profile.json written by a trainer before this report version)"
+FLOPS_NOT_COUNTED = ("flops not counted: the trainer counts them in the last warm-up step "
+                     "(--profile-warmup 0 leaves none)")
+
+
+def _arithmetic(profile: dict, mode: str, block_segs: Optional[List[dict]],
+                throughput: Optional[float]) -> Tuple[Dict[str, Optional[float]], Dict[str, str]]:
+    """gflop_per_pair: matmul and convolution flops per image pair of one training step
+    (forward, backward and any recomputation; meta["flops_per_step"], per process, counted by
+    torch.utils.flop_counter; sequential: summed over the blocks, as its per-pair time);
+    achieved_tflops: that over the measured time per pair, per GPU (process)."""
+    meta = profile.get("meta") or {}
+    flops = meta.get("flops_per_step")
+    segs = profile["run"].get("segments") or []
+    keys = ("gflop_per_pair", "achieved_tflops")
+    why = None
+    if flops is None or len(flops) != len(segs) or not flops:
+        why = NO_FLOPS
+    elif any(f is None for f in flops):
+        why = FLOPS_NOT_COUNTED
+    elif mode == "sequential" and (not block_segs or len(block_segs) != len(flops)):
+        why = "sequential segments not one per block"
+    batch, world = meta.get("batch_size"), meta.get("world_size") or 1
+    if why is None and not batch:
+        why = "batch size not recorded"
+    if why is not None:
+        return {k: None for k in keys}, {k: why for k in keys}
+    per_step = sum(flops) if mode == "sequential" else flops[0]
+    gflop = per_step * world / batch / 1e9
+    achieved = None if throughput is None else gflop * throughput / world / 1000.0
+    return ({"gflop_per_pair": gflop, "achieved_tflops": achieved},
+            {} if achieved is not None else {"achieved_tflops": "time not measured"})
 
 
 def phase_reasons(r: RunResult) -> Dict[str, str]:
@@ -405,6 +445,10 @@ BREAKDOWN_COLUMNS = [
     ("parameters_gib", "parameters (GiB)", "{:.2f}", True),
     ("optimizer_state_gib", "optimizer state (GiB)", "{:.2f}", True),
     ("rest_at_peak_gib", "activations, gradients, workspace (GiB)", "{:.2f}", True),
+]
+ARITHMETIC_COLUMNS = [
+    ("gflop_per_pair", "GFLOP/pair (matmul + conv)", "{:.1f}", True),
+    ("achieved_tflops", "achieved TFLOP/s per GPU", "{:.1f}", True),
 ]
 DETAIL_COLUMNS = [
     ("nvml_used_gib", "NVML used (GiB)", "{:.2f}", True),
@@ -602,6 +646,9 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
         "memory": _build_table("Peak memory: what lives across steps and the rest",
                                BREAKDOWN_COLUMNS, rows, base_met, base_reason or "no e2e run",
                                "x e2e"),
+        "arithmetic": _build_table("Arithmetic: counted flops and the rate achieved",
+                                   ARITHMETIC_COLUMNS, rows, base_met,
+                                   base_reason or "no e2e run", "x e2e"),
         "detail": _build_table("Detail", DETAIL_COLUMNS, rows, base_met,
                                base_reason or "no e2e run", "x e2e"),
     }
@@ -657,6 +704,14 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "(sequential: usually block 1, with its own head only); the rest is peak allocated "
         "minus both: activations kept for backward, gradients, the loss's buffers and "
         "workspaces at the peak moment.",
+        "Arithmetic: the matmul and convolution flops of one training step (forward, "
+        "backward, and the recomputation of --activation-checkpointing or --split-views), "
+        "counted by torch.utils.flop_counter in the last warm-up step of each measured segment, "
+        "per image pair (sequential: summed over the 4 blocks, each block's step including the "
+        "frozen blocks' forward); Triton kernels are not counted (the Barlow Twins loss: about "
+        "8 N^2 D per call, a small fraction). Achieved TFLOP/s = those flops over the measured "
+        "time per pair, per GPU. The ratio of flops bounds the ratio of throughputs a mode can "
+        "reach at equal efficiency.",
         "Energy: NVML's total-energy counter (mJ) read after a device synchronize at both ends "
         "of each window (or, where the counter is unsupported, the trapezoid integral of power "
         "samples); GPU only, the CPU (RAPL) column is separate. Windows shorter than the "
@@ -723,7 +778,7 @@ def render_markdown(rep: dict) -> str:
                     f"{(r['error'] or '').strip()[:300]}"]
     footnotes: List[str] = []
     sections = [("summary", "## Summary"), ("memory", "## Peak memory breakdown"),
-                ("per_block", "## Per block"),
+                ("arithmetic", "## Arithmetic"), ("per_block", "## Per block"),
                 ("phases", "## Time per phase"), ("detail", "## Detail")]
     for key, heading in sections:
         t = rep["tables"][key]

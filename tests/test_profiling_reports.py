@@ -42,7 +42,7 @@ def check_ratios(rep):
     checked = 0
     for name, table in rep["tables"].items():
         for key, bval in table["baseline"].items():
-            if name in ("summary", "memory", "detail", "per_block"):
+            if name in ("summary", "memory", "arithmetic", "detail", "per_block"):
                 assert bval == base["metrics"].get(key), (name, key)
             elif name == "phases":
                 assert bval == base["phases_ms_per_image"][key]
@@ -166,6 +166,33 @@ def test_peak_memory_breakdown(monkeypatch, tmp_path):
     section = md.split("## Peak memory breakdown")[1].split("## Per block")[0]
     assert "| run | peak allocated (GiB) |" in section and "optimizer state (GiB)" in section
     assert "n/a (parameters and opt" in section  # the old profile's cells say why
+
+
+def test_arithmetic_table(monkeypatch, tmp_path):
+    flops = {"e2e": [6.4e12], "simultaneous": [7.2e12], "sequential": [2e12, 3e12, 4e12, 5e12]}
+    runs = []
+    for i, mode in enumerate(flops):
+        d = tmp_path / "runs" / mode
+        prof = make_profile(monkeypatch, str(d / "profile.json"), mode, slow=1.0 + 0.3 * i,
+                            batch=32, meta_extra={"flops_per_step": flops[mode]})
+        runs.append(RunResult(mode, str(d), prof))
+    d = tmp_path / "runs" / "uncounted"
+    runs.append(RunResult("uncounted", str(d), make_profile(
+        monkeypatch, str(d / "profile.json"), "e2e", meta_extra={"flops_per_step": [None]})))
+    rep = write_report(runs, str(tmp_path / "report"))
+    rows = {r["label"].split(" (")[0]: r for r in rep["tables"]["arithmetic"]["rows"]}
+    for mode in flops:
+        cells = rows[mode]["cells"]
+        gflop = sum(flops[mode]) / 32 / 1e9  # sequential: all 4 blocks, one pass each
+        assert cells["gflop_per_pair"] == pytest.approx(gflop)
+        thr = next(r for r in rep["runs"] if r["label"] == mode)["metrics"]["throughput_img_s"]
+        assert cells["achieved_tflops"] == pytest.approx(gflop * thr / 1000)
+    assert rows["simultaneous"]["cells"]["gflop_per_pair_vs_e2e"] == pytest.approx(7.2 / 6.4)
+    assert rows["uncounted"]["cells"]["gflop_per_pair"] is None
+    assert "warm-up" in rows["uncounted"]["na"]["gflop_per_pair"]
+    assert check_ratios(rep) > 0
+    md = open(tmp_path / "report" / "report.md").read()
+    assert "| run | GFLOP/pair (matmul + conv) | x e2e | achieved TFLOP/s per GPU |" in md
 
 
 def test_md_table_keeps_partly_measured_columns():
@@ -449,6 +476,10 @@ def test_compare_on_cpu(tmp_path):
     assert mem["simultaneous"]["parameters_gib"] > mem["e2e"]["parameters_gib"]  # 4 heads
     assert 0 < mem["sequential"]["optimizer_state_gib"] < mem["sequential"]["parameters_gib"]
     assert all(m["rest_at_peak_gib"] is None for m in mem.values())
+    # flops are counted on CPU too; sequential's blocks also run the frozen blocks forward
+    ar = {r["label"].split(" (")[0]: r["cells"] for r in rep["tables"]["arithmetic"]["rows"]}
+    assert all(a["gflop_per_pair"] > 0 and a["achieved_tflops"] > 0 for a in ar.values())
+    assert ar["sequential"]["gflop_per_pair"] > ar["e2e"]["gflop_per_pair"]
     seq = next(r for r in rep["runs"] if r["mode"] == "sequential")
     assert len(seq["per_block"]) == 4 and seq["per_image_basis"].startswith("sum over 4")
     for r in rep["runs"]:

@@ -383,3 +383,24 @@ def test_split_views_with_noise_is_deterministic(tmp_path):
     assert_same_state(params_of(a.blocks), params_of(b.blocks), "blocks")
     loss = [json.loads(l)["loss"] for l in open(tmp_path / "a" / "metrics.jsonl")]
     assert all(torch.isfinite(torch.tensor(loss)))
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "sequential"])
+def test_profile_records_flops_and_resident_bytes_per_segment(tmp_path, mode):
+    from torch.utils.flop_counter import FlopCounterMode
+    kw = dict(steps_per_block=3) if mode == "sequential" else dict(max_steps=3)
+    tr = make(tmp_path, mode=mode, profile=True, profile_warmup=1, **kw)
+    tr.fit()
+    segments = 4 if mode == "sequential" else 1
+    assert len(tr.flops_per_step) == len(tr.resident) == segments
+    assert all(f > 0 for f in tr.flops_per_step)
+    if mode == "sequential":  # block k's step also runs blocks 1..k-1 forward
+        assert tr.flops_per_step == sorted(tr.flops_per_step)
+        return
+    # the count is that of a training step (the same shapes: the same flops)
+    x1, x2 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    with FlopCounterMode(display=False) as counter:
+        tr.train_step(x1, x2, lr=0.1)
+    assert tr.flops_per_step[0] == counter.get_total_flops()
+    params = sum(p.numel() * 4 for m in [tr.blocks] + tr.heads for p in m.parameters())
+    assert tr.resident[0] == {"parameters_bytes": params, "optimizer_state_bytes": params}

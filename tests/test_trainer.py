@@ -404,3 +404,30 @@ def test_profile_records_flops_and_resident_bytes_per_segment(tmp_path, mode):
     assert tr.flops_per_step[0] == counter.get_total_flops()
     params = sum(p.numel() * 4 for m in [tr.blocks] + tr.heads for p in m.parameters())
     assert tr.resident[0] == {"parameters_bytes": params, "optimizer_state_bytes": params}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_activation_checkpointing_on_cuda_lowers_the_peak_with_the_same_gradients(tmp_path):
+    """bf16 autocast, channels_last, fused kernels: the GPU path of --activation-checkpointing."""
+    kw = dict(device="cuda", image_size=64, batch_size=32, synthetic_size=64, fused=True,
+              projector="64-64")
+    peaks, grads = [], []
+    for ckpt in (False, True):
+        tr = make(tmp_path / str(ckpt), activation_checkpointing=ckpt, **kw)
+        g = _grads_at_steps(tr)
+        torch.manual_seed(0)
+        x1, x2 = torch.randn(2, 32, 3, 64, 64, device="cuda").unbind(0)
+        x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+        tr.train_step(x1, x2, lr=0.1)  # warm-up: cudnn algorithms, optimizer state
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        tr.train_step(x1, x2, lr=0.0)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        grads.append(g)
+        del tr
+    assert peaks[1] < 0.85 * peaks[0], f"checkpointed peak {peaks[1]} vs {peaks[0]} bytes"
+    for k in grads[0]:
+        for a, b in zip(grads[0][k], grads[1][k]):
+            torch.testing.assert_close(b, a, rtol=5e-2, atol=1e-3)

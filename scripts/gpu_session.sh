@@ -25,12 +25,15 @@
 # $OUT gets two files (the device returns few): summary.txt (every part's status and the tables)
 # and session.tar.gz (logs, reports, plots, benchmark JSON; no weights).
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
-# start-up when it went cold; guards in seconds):
-#   1. PARTS="cuda_tests compare_default independent"        (150 + 170 + 120)
-#   2. PARTS="compare_split compare_ckpt compare_noexp bt_bench"   (150 + 160 + 130 + 90)
-#   3. PARTS="compare_ckpt_split energy expander_bench"      (160 + 75 + 90)
-#   4. PARTS="maxbatch"                                       (420; maxbatch starts a fresh
-#      training process per probe, ~20-30 s each, 3 modes x 4 probes)
+# start-up when it went cold, and a cold machine has lost the previous call's files; guards in
+# seconds):
+#   1. PARTS="cuda_tests compare_default compare_ckpt_split"    (150 + 170 + 160): the new code
+#      on CUDA, the bars' plain e2e, and the least-memory option against it (vs_plain report)
+#   2. PARTS="compare_default independent compare_noexp energy" (170 + 120 + 130 + 75): the
+#      profiler against an unprofiled loop, throughput without expanders, counter vs integration
+#   3. PARTS="bt_bench expander_bench maxbatch"                 (90 + 90 + up to 390; maxbatch
+#      starts a fresh training process per probe, ~20-30 s each, 3 modes x 4 probes)
+#   compare_split, compare_ckpt, compare_store: the single options, when time is left
 #   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
 #      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
 #      call at 80 epochs (MODES=e2e, then MODES=simultaneous); DATA needed only here;
@@ -125,8 +128,21 @@ for part in $PARTS; do
     esac
 done
 
+# The issue's memory bars compare blockwise with plain e2e: one report per memory option with
+# plain e2e first (the ratio baseline), then e2e, simultaneous and sequential with the option.
+for r in compare_split compare_ckpt compare_ckpt_split; do
+    if [ -f "$WORK/compare_default/runs/e2e/profile.json" ] && [ -f "$WORK/$r/report.json" ]; then
+        python -m profiling report "$WORK/compare_default/runs/e2e" "$WORK/$r/runs/e2e" \
+            "$WORK/$r/runs/simultaneous" "$WORK/$r/runs/sequential" --out "$WORK/vs_plain_$r" \
+            --labels "e2e (plain),e2e ($r),simultaneous ($r),sequential ($r)" \
+            --title "Memory options against plain e2e ($r)" >> "$WORK/vs_plain.log" 2>&1 \
+            || say "-- vs_plain_$r: report failed (see vs_plain.log)"
+    fi
+done
+
 say ""; say "== tables =="
-for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split; do
+for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split \
+         vs_plain_compare_split vs_plain_compare_ckpt vs_plain_compare_ckpt_split; do
     if [ -f "$WORK/$r/report.md" ]; then
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi

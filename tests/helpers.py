@@ -103,39 +103,3 @@ def peak_extra_mib(fn) -> float:
     peak = torch.cuda.max_memory_allocated() - before
     del out
     return peak / 2 ** 20
-
-
-# ----------------------------------------------------------------------------------------------
-# memory held by tensors, on any device (CPU tests of what the trainer keeps alive)
-
-class LiveTensorBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Bytes of the tensor storages created under this mode that are still alive (``current``)
-    and their maximum (``peak``): every op's new outputs are counted once per storage, until the
-    storage is freed. Tensors that existed before the mode (parameters, optimizer state, inputs)
-    are not counted, nor are their in-place updates."""
-
-    def __init__(self):
-        super().__init__()
-        self._live = {}
-        self.current = self.peak = 0
-
-    def _freed(self, key, nbytes):
-        if self._live.pop(key, None) is not None:
-            self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-        leaves = torch.utils._pytree.tree_leaves
-        inputs = {t.untyped_storage()._cdata for t in leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        out = func(*args, **(kwargs or {}))
-        for t in leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key not in self._live and key not in inputs:  # new (not an in-place result)
-                    n = storage.nbytes()
-                    self._live[key] = weakref.ref(storage, lambda _, k=key, n=n: self._freed(k, n))
-                    self.current += n
-                    self.peak = max(self.peak, self.current)
-        return out

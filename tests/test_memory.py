@@ -164,3 +164,25 @@ def test_real_cuda_nested_peaks(tmp_path):
     m.dump_snapshot(str(tmp_path / "snap.pickle"))
     m.close()
     assert os.path.getsize(tmp_path / "snap.pickle") > 0
+
+
+def test_tensor_bytes_meter_counts_new_storages_until_freed():
+    import torch
+
+    from profiling.tensor_bytes import TensorBytesMeter
+    before = torch.ones(1000)  # exists before the meter: never counted, nor its in-place updates
+    with TensorBytesMeter() as m:
+        a = torch.zeros(1000)  # 4000 bytes
+        assert m.current == 4000
+        v = a.view(10, 100)  # a view shares the storage
+        before.mul_(2)
+        assert m.current == 4000
+        b = a.double() + 1  # a temporary (8000) and the result (8000)
+        assert m.current == 4000 + 8000 and m.peak == 4000 + 16000
+        del a, v
+        assert m.current == 8000  # a's storage is freed with its last view
+        with m.paused():
+            c = torch.empty(10_000)  # not counted
+        assert m.current == 8000
+        del b, c
+        assert m.current == 0 and m.peak == 20000

@@ -16,7 +16,7 @@ import torch
 from blockwise.checkpoint import load_checkpoint
 from blockwise.config import Config
 from blockwise.trainer import NonFiniteLoss, Trainer, initial_blocks
-from helpers import LiveTensorBytes
+from profiling.tensor_bytes import TensorBytesMeter
 
 
 @pytest.fixture(autouse=True)
@@ -367,7 +367,7 @@ def test_activation_checkpointing_is_exact_and_keeps_a_fraction_of_the_activatio
     held = []
     for tr in (plain, ckpt):
         module = tr.model if mode == "e2e" else tr.stages[0]
-        meter = LiveTensorBytes()
+        meter = TensorBytesMeter()
         with meter, tr._autocast():
             out = module(x1, x2)
         held.append(meter.current)

@@ -8,7 +8,9 @@ small batches:
     profiling.tensor_bytes.TensorBytesMeter; peak = intercept + slope * batch is fitted through
     them (activations grow with the batch; gradients and the heads' buffers do not);
   - parameters and optimizer state are the exact bytes (Trainer.resident_bytes);
-  - flops: torch.utils.flop_counter over one step (sequential: the four blocks' steps).
+  - flops: torch.utils.flop_counter over one step (sequential: the four blocks' steps) at each
+    batch, fitted the same way (some work does not grow with the batch) and given per pair at
+    --target-batch.
 The prediction at --target-batch is resident + intercept + slope * target. Sequential is
 measured at its block 1 (the largest activations; its peak in every GPU run so far).
 
@@ -40,31 +42,31 @@ from profiling.tensor_bytes import TensorBytesMeter  # noqa: E402
 GIB = float(1 << 30)
 
 
-def measure(mode: str, batch: int, args, flags: dict, count_flops: bool):
-    """(forward+backward peak bytes, resident bytes, flops per step or None) at one batch."""
+def measure(mode: str, batch: int, args, flags: dict):
+    """(forward+backward peak bytes, resident bytes, flops per step) at one batch."""
     extra = dict(steps_per_block=2) if mode == "sequential" else {}
     values = dict(dataset="synthetic", arch=args.arch, image_size=args.image_size,
                   synthetic_size=2 * batch, batch_size=batch, projector=args.projector,
                   epochs=1, workers=0, device="cpu", precision="bf16", probe_epochs=0,
                   out=tempfile.mkdtemp(prefix="cpu_memory_model_"), mode=mode, **extra)
     values.update(flags)
-    tr = Trainer(config_mod.Config(**values), values["out"], log=lambda line: None)
+
+    def trainer():
+        return Trainer(config_mod.Config(**values), values["out"], log=lambda line: None)
+
+    tr = trainer()
     x1, x2 = torch.randn(2, batch, 3, args.image_size, args.image_size).unbind(0)
-    flops = None
-    if count_flops:  # the first step: also creates the optimizer state
-        flops = 0
-        for b in range(4 if mode == "sequential" else 1):
-            if b:
-                tr._finish_block(b - 1)
-                tr._begin_block(b)
-            with FlopCounterMode(display=False) as counter:
-                tr.train_step(x1, x2, 0.01, b)
-            flops += counter.get_total_flops()
-        if mode == "sequential":  # back to block 1 for the memory
-            tr = None
-            tr = Trainer(config_mod.Config(**values), values["out"], log=lambda line: None)
-    if not count_flops or mode == "sequential":
-        tr.train_step(x1, x2, 0.01)  # optimizer state exists before the measured step
+    flops = 0  # the first step (which also creates the optimizer state), counted
+    for b in range(4 if mode == "sequential" else 1):
+        if b:
+            tr._finish_block(b - 1)
+            tr._begin_block(b)
+        with FlopCounterMode(display=False) as counter:
+            tr.train_step(x1, x2, 0.01, b)
+        flops += counter.get_total_flops()
+    if mode == "sequential":  # block 1 again, with its optimizer state, for the memory
+        tr = trainer()
+        tr.train_step(x1, x2, 0.01)
     meter = TensorBytesMeter()
     for opt in tr.optimizers:  # optimizer steps are not counted
         if opt is not None:
@@ -73,6 +75,14 @@ def measure(mode: str, batch: int, args, flags: dict, count_flops: bool):
         tr.train_step(x1, x2, 0.01)
     resident = sum(tr.resident_bytes().values())
     return meter.peak, resident, flops
+
+
+def _fit(xs, ys):
+    """Least-squares line through (xs, ys): (slope, intercept)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
 
 
 def _paused(meter: TensorBytesMeter, step):
@@ -108,22 +118,21 @@ def main(argv=None) -> int:
     rows = []
     for mode in [m.strip() for m in a.modes.split(",")]:
         t0 = time.time()
-        points = [measure(mode, b, a, flags, count_flops=(b == batches[0])) for b in batches]
+        points = [measure(mode, b, a, flags) for b in batches]
         peaks = [p for p, _, _ in points]
-        n = len(batches)
-        mb, mp = sum(batches) / n, sum(peaks) / n
-        slope = sum((b - mb) * (p - mp) for b, p in zip(batches, peaks)) / \
-            sum((b - mb) ** 2 for b in batches)
-        intercept = mp - slope * mb
+        slope, intercept = _fit(batches, peaks)
         resident = points[0][1]
         predicted = resident + intercept + slope * a.target_batch
-        gflop = points[0][2] / batches[0] / 1e9
+        # flops per step = fixed + per pair * batch (e.g. an expander's Cout x Cin x Cin
+        # statistics product does not grow with the batch): per pair at the target batch
+        f_slope, f_fixed = _fit(batches, [f for _, _, f in points])
+        gflop = (f_fixed / a.target_batch + f_slope) / 1e9
         rows.append((mode, peaks, slope, resident, predicted, gflop))
         print(f"  {mode}: measured in {time.time() - t0:.0f} s", flush=True)
     base = next((r for r in rows if r[0] == "e2e"), None)
     print(f"\n| mode | fwd+bwd peak at {', '.join(map(str, batches))} pairs (GiB) | MiB per pair "
           f"| parameters + optimizer state (GiB) | predicted peak at {a.target_batch} (GiB) | "
-          f"x e2e | GFLOP/pair | x e2e |")
+          f"x e2e | GFLOP/pair at {a.target_batch} | x e2e |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for mode, peaks, slope, resident, predicted, gflop in rows:
         ratio = f"{predicted / base[4]:.2f}x" if base else "n/a"

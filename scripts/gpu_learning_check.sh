@@ -25,7 +25,7 @@ PY=${PYTHON:-python}
 MARGIN=${MARGIN:-3}
 MODES=${MODES:-e2e simultaneous}   # one mode per device call for long runs (80 epochs)
 TAG=${TAG:-}                       # run-directory suffix for ablations, e.g. TAG=_sqrt --pool sqrt
-# PARALLEL=1: the modes run at the same time (see below)
+# PARALLEL=1: all runs at the same time; VARIANTS: more runs (see below)
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 
 COMMON=(--dataset imagefolder --data-dir "$DATA" --image-size 32 --arch resnet18 --small-stem
@@ -33,28 +33,43 @@ COMMON=(--dataset imagefolder --data-dir "$DATA" --image-size 32 --arch resnet18
         --precision bf16 --channels-last --fused --epochs "$EPOCHS" --probe-epochs 100
         --no-checkpoint --log-interval 10 "$@")
 
+# The runs: one per mode (directory <mode><TAG>), then one per VARIANTS entry
+# ("name:flags;name:flags", e.g. VARIANTS="simultaneous_sqrt:--mode simultaneous --pool sqrt;
+# simultaneous_noise:--mode simultaneous --noise-std 0.25"); a variant's flags come last, so
+# they override the common ones.
+names=(); flags=()
+for mode in $MODES; do names+=("$mode$TAG"); flags+=("--mode $mode"); done
+IFS=';' read -ra specs <<< "${VARIANTS:-}"
+for spec in "${specs[@]}"; do
+    [ -z "${spec// /}" ] && continue
+    case $spec in *:*) ;; *) echo "VARIANTS entry '$spec' is not name:flags" >&2; exit 2 ;; esac
+    name=$(echo "${spec%%:*}" | tr -d ' '); names+=("$name"); flags+=("${spec#*:}")
+done
+
 if [ "${PARALLEL:-0}" = 1 ]; then
-    # The modes at once, one process each, sharing the GPU (a ResNet-18 at 32 px does not fill an
+    # All runs at once, one process each, sharing the GPU (a ResNet-18 at 32 px does not fill an
     # H100) and the CPU cores (loader workers split between them); logs in $OUT/<run>.log.
     # Step rates of concurrent runs are not those of a run alone: use them for learning only.
-    set -- $MODES; count=$#
+    count=${#names[@]}
     workers=$(( ($(nproc) - 1) / count )); [ "$workers" -lt 1 ] && workers=1
     mkdir -p "$OUT"; pids=()
-    for mode in $MODES; do
-        "$PY" -m blockwise.train --mode "$mode" "${COMMON[@]}" --workers "$workers" \
-            --out "$OUT/$mode$TAG" > "$OUT/$mode$TAG.log" 2>&1 &
+    for k in "${!names[@]}"; do
+        # shellcheck disable=SC2086  # a run's flags are words
+        "$PY" -m blockwise.train "${COMMON[@]}" ${flags[$k]} --workers "$workers" \
+            --out "$OUT/${names[$k]}" > "$OUT/${names[$k]}.log" 2>&1 &
         pids+=($!)
     done
     start=$(date +%s); failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
-    for mode in $MODES; do tail -n 25 "$OUT/$mode$TAG.log"; done
-    echo "== $MODES$TAG in parallel: $(( $(date +%s) - start )) s wall"
+    for name in "${names[@]}"; do tail -n 25 "$OUT/$name.log"; done
+    echo "== ${names[*]} in parallel: $(( $(date +%s) - start )) s wall"
     [ "$failed" = 0 ] || { echo "a run failed (logs in $OUT)" >&2; exit 1; }
 else
-    for mode in $MODES; do
+    for k in "${!names[@]}"; do
         start=$(date +%s)
-        "$PY" -m blockwise.train --mode "$mode" "${COMMON[@]}" --out "$OUT/$mode$TAG"
-        echo "== $mode$TAG: $(( $(date +%s) - start )) s wall (process start to probe end)"
+        # shellcheck disable=SC2086
+        "$PY" -m blockwise.train "${COMMON[@]}" ${flags[$k]} --out "$OUT/${names[$k]}"
+        echo "== ${names[$k]}: $(( $(date +%s) - start )) s wall (process start to probe end)"
     done
 fi
 

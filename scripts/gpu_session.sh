@@ -37,7 +37,10 @@
 #   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
 #      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
 #      call at 80 epochs (MODES=e2e, then MODES=simultaneous); DATA needed only here;
-#      scripts/learning_summary.py puts calls together; ablations: TAG=_sqrt LEARN_ARGS="--pool sqrt"
+#      scripts/learning_summary.py puts calls together; ablations in one call:
+#      MODES=simultaneous PARALLEL=1 VARIANTS="simultaneous_sqrt:--mode simultaneous --pool sqrt;
+#      simultaneous_noise:--mode simultaneous --noise-std 0.25;simultaneous_exp:--mode
+#      simultaneous --expander 512"
 # Settings for a CPU dry run of the script itself: ARCH=resnet18 IMG=16 BATCH=8 PROJ=32-32
 # DEVICE=cpu STEPS=2 WARMUP=1 EPOCHS=1 PARTS="compare_default learning".
 set -uo pipefail
@@ -122,7 +125,8 @@ for part in $PARTS; do
                 --benchmark-json "$WORK/expander_bench.json" ;;
         learning)
             if [ -z "$DATA" ]; then say "-- learning: skipped (DATA not set)"; continue; fi
-            export MODES=${MODES:-e2e simultaneous}  # read by gpu_learning_check.sh
+            export MODES=${MODES:-e2e simultaneous}  # MODES, PARALLEL, VARIANTS, TAG: read by
+            export PARALLEL=${PARALLEL:-0} VARIANTS=${VARIANTS:-}  # gpu_learning_check.sh
             guard learning 560 bash scripts/gpu_learning_check.sh "$DATA" "$EPOCHS" \
                 "$WORK/learning" $LEARN_ARGS ;;
     esac

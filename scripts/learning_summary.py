@@ -59,11 +59,12 @@ def main(argv=None) -> int:
     first = runs[names[0]][0]
     print(f"linear probe top-1 (%), {first.get('num_test')} test images, "
           f"{first.get('probe_epochs')} probe epochs on cached features")
-    print(f"{'block':>6} " + " ".join(f"{n[:14]:>14}" for n in names) + f" {'random init':>14}")
+    width = max([14] + [len(n) for n in names])  # whole run names: ablations differ at the end
+    print(f"{'block':>6} " + " ".join(f"{n:>{width}}" for n in names) + f" {'random init':>14}")
     ctrl_run = next((n for n in names if runs[n][0].get("control_top1")), None)
     for k in range(1, 5):
         b = f"block{k}"
-        cells = " ".join(f"{runs[n][0]['top1'].get(b, float('nan')):14.2f}" for n in names)
+        cells = " ".join(f"{runs[n][0]['top1'].get(b, float('nan')):{width}.2f}" for n in names)
         ctrl = runs[ctrl_run][0]["control_top1"].get(b, float("nan")) if ctrl_run else float("nan")
         print(f"{k:>6} {cells} {ctrl:14.2f}")
     for n in names:

@@ -12,6 +12,8 @@
 #   compare_noexp    the same with --expander 0 (the issue's prototype had no expander)
 #   compare_ckpt     the same with --activation-checkpointing (each residual unit recomputed)
 #   compare_ckpt_split  with --activation-checkpointing --split-views (the least memory)
+#   compare_noexp_ckpt_split  --expander 0 --activation-checkpointing --split-views (against
+#                    compare_noexp's e2e when that ran in the same call)
 #   compare_store    the same with --no-expander-recompute (the expander's map stored)
 #   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
 #   energy           NVML counter vs power integration on >= 10 s windows
@@ -27,12 +29,12 @@
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
 # start-up when it went cold, and a cold machine has lost the previous call's files; guards in
 # seconds):
-#   1. PARTS="cuda_tests compare_default compare_ckpt_split"    (150 + 170 + 160): the new code
-#      on CUDA, the bars' plain e2e, and the least-memory option against it (vs_plain report)
-#   2. PARTS="compare_default independent compare_noexp energy" (170 + 120 + 130 + 75): the
-#      profiler against an unprofiled loop, throughput without expanders, counter vs integration
-#   3. PARTS="bt_bench expander_bench maxbatch"                 (90 + 90 + up to 390; maxbatch
-#      starts a fresh training process per probe, ~20-30 s each, 3 modes x 4 probes)
+#   1. PARTS="cuda_tests compare_default compare_ckpt_split"          (150 + 170 + 160): the
+#      new code on CUDA, the bars' plain e2e, the least-memory options against it (vs_plain)
+#   2. PARTS="compare_noexp compare_noexp_ckpt_split energy bt_bench"  (130 + 160 + 75 + 90):
+#      throughput and memory bars without expanders (vs_plain), counter vs integration, the loss
+#   3. PARTS="compare_default independent expander_bench maxbatch"     (170 + 120 + 90 + the
+#      rest for maxbatch: a fresh training process per probe, ~20-30 s each)
 #   compare_split, compare_ckpt, compare_store: the single options, when time is left
 #   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
 #      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
@@ -53,7 +55,7 @@ PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
 VALID="cuda_tests compare_default compare_split compare_noexp compare_store compare_ckpt
-       compare_ckpt_split independent energy maxbatch bt_bench expander_bench learning"
+       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench expander_bench learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
     case " $(echo $VALID) " in *" $part "*) ;; *)
         echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
@@ -98,6 +100,9 @@ for part in $PARTS; do
         compare_ckpt_split)
             guard compare_ckpt_split 160 "${COMPARE[@]}" --out "$WORK/compare_ckpt_split" \
                 -- --activation-checkpointing --split-views ;;
+        compare_noexp_ckpt_split)
+            guard compare_noexp_ckpt_split 160 "${COMPARE[@]}" --out "$WORK/compare_noexp_ckpt_split" \
+                -- --expander 0 --activation-checkpointing --split-views ;;
         compare_noexp)
             guard compare_noexp 130 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
         compare_store)
@@ -134,11 +139,12 @@ done
 
 # The issue's memory bars compare blockwise with plain e2e: one report per memory option with
 # plain e2e first (the ratio baseline), then e2e, simultaneous and sequential with the option.
-for r in compare_split compare_ckpt compare_ckpt_split; do
-    if [ -f "$WORK/compare_default/runs/e2e/profile.json" ] && [ -f "$WORK/$r/report.json" ]; then
-        python -m profiling report "$WORK/compare_default/runs/e2e" "$WORK/$r/runs/e2e" \
+for r in compare_split compare_ckpt compare_ckpt_split compare_noexp_ckpt_split; do
+    base=compare_default; [ "$r" = compare_noexp_ckpt_split ] && base=compare_noexp
+    if [ -f "$WORK/$base/runs/e2e/profile.json" ] && [ -f "$WORK/$r/report.json" ]; then
+        python -m profiling report "$WORK/$base/runs/e2e" "$WORK/$r/runs/e2e" \
             "$WORK/$r/runs/simultaneous" "$WORK/$r/runs/sequential" --out "$WORK/vs_plain_$r" \
-            --labels "e2e (plain),e2e ($r),simultaneous ($r),sequential ($r)" \
+            --labels "e2e ($base),e2e ($r),simultaneous ($r),sequential ($r)" \
             --title "Memory options against plain e2e ($r)" >> "$WORK/vs_plain.log" 2>&1 \
             || say "-- vs_plain_$r: report failed (see vs_plain.log)"
     fi
@@ -146,7 +152,8 @@ done
 
 say ""; say "== tables =="
 for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split \
-         vs_plain_compare_split vs_plain_compare_ckpt vs_plain_compare_ckpt_split; do
+         compare_noexp_ckpt_split vs_plain_compare_split vs_plain_compare_ckpt \
+         vs_plain_compare_ckpt_split vs_plain_compare_noexp_ckpt_split; do
     if [ -f "$WORK/$r/report.md" ]; then
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi

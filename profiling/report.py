@@ -351,6 +351,11 @@ def memory_breakdown(profile: dict) -> Tuple[Dict[str, Optional[float]], Dict[st
     if rest is None:
         reasons["rest_at_peak_gib"] = ((profile["run"].get("unavailable") or {}).get("memory")
                                        or "memory not measured")
+    elif rest < 0:  # the peak cannot hold less than what lived through it
+        rest = None
+        reasons["rest_at_peak_gib"] = (
+            "inconsistent: parameters and optimizer state exceed the measured peak (were they "
+            "on another device?)")
     return {"parameters_gib": params, "optimizer_state_gib": state,
             "rest_at_peak_gib": rest}, reasons
 
@@ -949,7 +954,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
         return f" (sequential: {what})" if any(r["mode"] == "sequential" for r in runs) else ""
 
     # peak memory: per run, and per block
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     ax = axes[0]
     xs = list(range(len(runs)))
     vals_a = [r["metrics"]["peak_allocated_gib"] for r in runs]
@@ -960,8 +965,19 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
             ax.text(x, top * 0.02, f"n/a\n({_short(r['na'].get('peak_allocated_gib'))})",
                     ha="center", va="bottom", fontsize=8, color="0.35")
             continue
-        ax.bar(x - 0.18, a, width=0.36, color="C0", label="allocated" if x == 0 or
-               "allocated" not in ax.get_legend_handles_labels()[1] else None)
+        m = r["metrics"]
+        parts = (m.get("parameters_gib"), m.get("optimizer_state_gib"), m.get("rest_at_peak_gib"))
+        if all(v is not None for v in parts):  # allocated, split as the breakdown table
+            bottom = 0.0
+            for v, color, name in zip(parts, ("#08519c", "#6baed6", "#c6dbef"),
+                                      ("allocated: parameters", "allocated: optimizer state",
+                                       "allocated: activations, gradients, workspace")):
+                ax.bar(x - 0.18, v, width=0.36, bottom=bottom, color=color, label=name if
+                       name not in ax.get_legend_handles_labels()[1] else None)
+                bottom += v
+        else:
+            ax.bar(x - 0.18, a, width=0.36, color="C0", label="allocated" if
+                   "allocated" not in ax.get_legend_handles_labels()[1] else None)
         ax.text(x - 0.18, a, f"{a:.1f}", ha="center", va="bottom", fontsize=7)
         if rv is not None:
             ax.bar(x + 0.18, rv, width=0.36, color="C1", label="reserved" if
@@ -975,8 +991,9 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     ax.set_ylim(0, top * 1.18)
     ax.set_title("whole run", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # under the axis: the bars keep their room
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2,
+                  frameon=False)
     ax = axes[1]
     block_runs = [r for r in runs if r["per_block"]]
     base = next((r for r in runs if r["label"] == rep["baseline"]), None)

@@ -135,8 +135,8 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
 
 def test_peak_memory_breakdown(monkeypatch, tmp_path):
     gib = 1 << 30
-    resident = {"e2e": [(0.5, 0.5)], "simultaneous": [(2.0, 1.75)],
-                "sequential": [(1.0, 0.75), (1.25, 0.5), (1.5, 0.25), (1.75, 0.125)]}
+    resident = {"e2e": [(0.5, 0.5)], "simultaneous": [(0.25, 0.125)],
+                "sequential": [(0.125, 0.0625), (0.25, 0.125), (0.375, 0.1875), (0.5, 0.25)]}
     runs = []
     for i, mode in enumerate(resident):
         d = tmp_path / "runs" / mode
@@ -147,6 +147,9 @@ def test_peak_memory_breakdown(monkeypatch, tmp_path):
         runs.append(RunResult(mode, str(d), prof))
     runs.append(RunResult("e2e-old", str(tmp_path / "old"),
                           make_profile(monkeypatch, str(tmp_path / "old" / "profile.json"), "e2e")))
+    too_big = {"resident": [{"parameters_bytes": 8 * gib, "optimizer_state_bytes": 8 * gib}]}
+    runs.append(RunResult("e2e-inconsistent", str(tmp_path / "bad"), make_profile(
+        monkeypatch, str(tmp_path / "bad" / "profile.json"), "e2e", meta_extra=too_big)))
     rep = write_report(runs, str(tmp_path / "report"))
     rows = {r["label"].split(" (")[0]: r for r in rep["tables"]["memory"]["rows"]}
     for mode, run in zip(resident, runs):
@@ -158,8 +161,10 @@ def test_peak_memory_breakdown(monkeypatch, tmp_path):
         assert cells["optimizer_state_gib"] == pytest.approx(o)
         assert cells["rest_at_peak_gib"] == pytest.approx(segs[i]["peak_allocated_gib"] - p - o)
     # sequential: the block with the highest peak (block 1 in the factory: the most activations)
-    assert rows["sequential"]["cells"]["parameters_gib"] == pytest.approx(1.0)
+    assert rows["sequential"]["cells"]["parameters_gib"] == pytest.approx(0.125)
     assert check_ratios(rep) > 0
+    bad = rows["e2e-inconsistent"]  # never a negative rest
+    assert bad["cells"]["rest_at_peak_gib"] is None and "inconsistent" in bad["na"]["rest_at_peak_gib"]
     old = rows["e2e-old"]
     assert old["cells"]["parameters_gib"] is None and "not recorded" in old["na"]["parameters_gib"]
     md = open(tmp_path / "report" / "report.md").read()

@@ -141,6 +141,24 @@ def run_trainer(cmd: List[str], run_dir: str, log_path: str, timeout_s: float,
     return res
 
 
+def _names(text: str) -> List[str]:
+    return [n.strip().lstrip("-") for n in str(text).split(",") if n.strip()]
+
+
+def baseline_flags(without: str, extra: Sequence[str]) -> List[str]:
+    """The trainer flags after -- minus the ``--baseline-without`` ones (flags without a value,
+    such as --activation-checkpointing, --split-views)."""
+    names = _names(without)
+    missing = [n for n in names if f"--{n}" not in extra]
+    if not names or missing:
+        raise ValueError(f"--baseline-without {without!r}: "
+                         f"{'no flag named' if not names else 'not among the trainer flags'} "
+                         f"{', '.join('--' + n for n in missing)}; the trainer flags after -- "
+                         f"are: {' '.join(extra) or '(none)'}")
+    drop = {f"--{n}" for n in names}
+    return [a for a in extra if a not in drop]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="e2e,simultaneous,sequential",
                    help=f"comma-separated modes ({', '.join(MODES)})")
@@ -160,6 +178,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--profile-phases: one device sync per window boundary, which lowers "
                         "the measured throughput; default: the measured steps are timed as a "
                         "whole, step, block and phase windows give peak memory alone")
+    p.add_argument("--baseline-without", default=None, metavar="FLAGS",
+                   help="comma-separated trainer flags among those after -- (without the "
+                        "dashes, e.g. activation-checkpointing,split-views): also run e2e "
+                        "without them, first, as the baseline of every ratio (e.g. blockwise "
+                        "with memory options against plain e2e)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: the trainer's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per trainer run")
@@ -170,19 +193,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     modes = parse_modes(args.modes)
     variants = fused_variants(args.fused)
+    without = getattr(args, "baseline_without", None)
+    base_extra = baseline_flags(without, extra) if without else None  # bad input: fail first
     out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
-    jobs = [(m, f) for m in modes for f in variants]
+    jobs = [(m, f, None) for m in modes for f in variants]
+    if base_extra is not None:  # first, so that it is the ratio baseline (the first unfused
+        jobs.insert(0, ("e2e", variants[0], base_extra))  # e2e, else the first e2e)
     results: List[RunResult] = []
-    for i, (mode, fused) in enumerate(jobs, 1):
+    for i, (mode, fused, own_extra) in enumerate(jobs, 1):
         name = mode if len(variants) == 1 else f"{mode}-{'fused' if fused else 'unfused'}"
         label = mode if len(variants) == 1 else f"{mode} ({'fused' if fused else 'unfused'})"
+        if own_extra is not None:
+            name += "-baseline"
+            label += f" (without {', '.join('--' + n for n in _names(without))})"
         run_dir = os.path.join(out, "runs", name)
         cmd = trainer_command(mode, run_dir=run_dir, arch=args.arch, image_size=args.image_size,
                               batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                               fused=fused, projector=args.projector, device=args.device,
-                              seed=args.seed, extra=extra, python=args.python,
-                              phases=getattr(args, "phases", False))
+                              seed=args.seed, extra=extra if own_extra is None else own_extra,
+                              python=args.python, phases=getattr(args, "phases", False))
         print(f"[{i}/{len(jobs)}] {label}: {' '.join(shlex.quote(c) for c in cmd[1:])}",
               flush=True)
         res = run_trainer(cmd, run_dir, os.path.join(out, "runs", name + ".log"), args.timeout,

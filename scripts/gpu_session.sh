@@ -8,12 +8,13 @@
 #   compare_default  python -m profiling compare: ResNet-50, 224 px, batch 256, projector
 #                    8192-8192-8192, bf16, LARS, --fused; e2e / simultaneous / sequential with the
 #                    default heads (expander 2048 at every block, as the paper)
-#   compare_split    the same with --split-views (each view back-propagated on its own)
 #   compare_noexp    the same with --expander 0 (the issue's prototype had no expander)
+#   compare_split    the same with --split-views (each view back-propagated on its own)
 #   compare_ckpt     the same with --activation-checkpointing (each residual unit recomputed)
 #   compare_ckpt_split  with --activation-checkpointing --split-views (the least memory)
-#   compare_noexp_ckpt_split  --expander 0 --activation-checkpointing --split-views (against
-#                    compare_noexp's e2e when that ran in the same call)
+#   compare_noexp_ckpt_split  --expander 0 --activation-checkpointing --split-views
+#                    (the memory-option parts also run e2e without the options first: the
+#                    ratio baseline of their report, as the issue's bars are against plain e2e)
 #   compare_store    the same with --no-expander-recompute (the expander's map stored)
 #   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
 #   energy           NVML counter vs power integration on >= 10 s windows
@@ -29,10 +30,10 @@
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
 # start-up when it went cold, and a cold machine has lost the previous call's files; guards in
 # seconds):
-#   1. PARTS="cuda_tests compare_default compare_ckpt_split"          (150 + 170 + 160): the
-#      new code on CUDA, the bars' plain e2e, the least-memory options against it (vs_plain)
-#   2. PARTS="compare_noexp compare_noexp_ckpt_split energy bt_bench"  (130 + 160 + 75 + 90):
-#      throughput and memory bars without expanders (vs_plain), counter vs integration, the loss
+#   1. PARTS="cuda_tests compare_default compare_ckpt_split"          (150 + 170 + 210): the
+#      new code on CUDA, the default heads, the least-memory options against plain e2e
+#   2. PARTS="compare_noexp compare_noexp_ckpt_split energy bt_bench"  (130 + 210 + 75 + 90):
+#      throughput and memory bars without expanders, counter vs integration, the loss
 #   3. PARTS="compare_default independent expander_bench maxbatch"     (170 + 120 + 90 + the
 #      rest for maxbatch: a fresh training process per probe, ~20-30 s each)
 #   compare_split, compare_ckpt, compare_store: the single options, when time is left
@@ -81,6 +82,7 @@ git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 COMPARE=(python -m profiling compare --modes e2e,simultaneous,sequential --arch "$ARCH"
          --image-size "$IMG" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
          --projector "$PROJ" --device "$DEVICE" --fused on)
+MEMOPTS=activation-checkpointing,split-views  # the option runs' e2e baseline runs without them
 BENCH=(python -m pytest -q -p no:cacheprovider --benchmark-only
        --benchmark-columns=median,iqr,rounds)
 
@@ -93,16 +95,17 @@ for part in $PARTS; do
         compare_default)
             guard compare_default 170 "${COMPARE[@]}" --out "$WORK/compare_default" ;;
         compare_split)
-            guard compare_split 150 "${COMPARE[@]}" --out "$WORK/compare_split" -- --split-views ;;
+            guard compare_split 200 "${COMPARE[@]}" --out "$WORK/compare_split" \
+                --baseline-without split-views -- --split-views ;;
         compare_ckpt)
-            guard compare_ckpt 160 "${COMPARE[@]}" --out "$WORK/compare_ckpt" \
-                -- --activation-checkpointing ;;
+            guard compare_ckpt 210 "${COMPARE[@]}" --out "$WORK/compare_ckpt" \
+                --baseline-without activation-checkpointing -- --activation-checkpointing ;;
         compare_ckpt_split)
-            guard compare_ckpt_split 160 "${COMPARE[@]}" --out "$WORK/compare_ckpt_split" \
-                -- --activation-checkpointing --split-views ;;
+            guard compare_ckpt_split 210 "${COMPARE[@]}" --out "$WORK/compare_ckpt_split" \
+                --baseline-without "$MEMOPTS" -- --activation-checkpointing --split-views ;;
         compare_noexp_ckpt_split)
-            guard compare_noexp_ckpt_split 160 "${COMPARE[@]}" --out "$WORK/compare_noexp_ckpt_split" \
-                -- --expander 0 --activation-checkpointing --split-views ;;
+            guard compare_noexp_ckpt_split 210 "${COMPARE[@]}" --out "$WORK/compare_noexp_ckpt_split" \
+                --baseline-without "$MEMOPTS" -- --expander 0 --activation-checkpointing --split-views ;;
         compare_noexp)
             guard compare_noexp 130 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
         compare_store)
@@ -137,23 +140,9 @@ for part in $PARTS; do
     esac
 done
 
-# The issue's memory bars compare blockwise with plain e2e: one report per memory option with
-# plain e2e first (the ratio baseline), then e2e, simultaneous and sequential with the option.
-for r in compare_split compare_ckpt compare_ckpt_split compare_noexp_ckpt_split; do
-    base=compare_default; [ "$r" = compare_noexp_ckpt_split ] && base=compare_noexp
-    if [ -f "$WORK/$base/runs/e2e/profile.json" ] && [ -f "$WORK/$r/report.json" ]; then
-        python -m profiling report "$WORK/$base/runs/e2e" "$WORK/$r/runs/e2e" \
-            "$WORK/$r/runs/simultaneous" "$WORK/$r/runs/sequential" --out "$WORK/vs_plain_$r" \
-            --labels "e2e ($base),e2e ($r),simultaneous ($r),sequential ($r)" \
-            --title "Memory options against plain e2e ($r)" >> "$WORK/vs_plain.log" 2>&1 \
-            || say "-- vs_plain_$r: report failed (see vs_plain.log)"
-    fi
-done
-
 say ""; say "== tables =="
 for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split \
-         compare_noexp_ckpt_split vs_plain_compare_split vs_plain_compare_ckpt \
-         vs_plain_compare_ckpt_split vs_plain_compare_noexp_ckpt_split; do
+         compare_noexp_ckpt_split; do
     if [ -f "$WORK/$r/report.md" ]; then
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi

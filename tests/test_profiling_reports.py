@@ -605,3 +605,26 @@ def test_timing_on_is_labelled(monkeypatch, tmp_path):
     md = open(tmp_path / "rep" / "report.md").read()
     assert "per-phase timing on: throughput includes one device sync per window" in md
     assert "n/a (not timed)" not in md
+
+
+def test_compare_baseline_without_memory_options(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    rc = cli.main(["compare", "--modes", "e2e,simultaneous", *TINY, "--out", str(out),
+                   "--baseline-without", "activation-checkpointing", "--",
+                   "--workers", "0", "--activation-checkpointing"])
+    assert rc == 0
+    rep = json.load(open(out / "report.json"))
+    labels = [r["label"] for r in rep["runs"]]
+    assert labels == ["e2e (without --activation-checkpointing)", "e2e", "simultaneous"]
+    assert rep["baseline"] == labels[0]
+    configs = {r["label"]: json.load(open(os.path.join(r["run_dir"], "config.json")))
+               for r in rep["runs"]}
+    flags = {k: c.get("config", c)["activation_checkpointing"] for k, c in configs.items()}
+    assert flags == {labels[0]: False, "e2e": True, "simultaneous": True}
+    assert check_ratios(rep) > 0
+    # a flag that is not among the trainer flags: a clear error, nothing run
+    bad = tmp_path / "bad"
+    assert cli.main(["compare", "--modes", "e2e", *TINY, "--out", str(bad),
+                     "--baseline-without", "split-views", "--", "--workers", "0"]) == 2
+    assert "not among the trainer flags --split-views" in capsys.readouterr().err
+    assert not bad.exists()

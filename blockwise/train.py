@@ -199,6 +199,10 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                      "profile.json)")
     else:
         lines.append("peak memory: n/a (CPU run)")
+    if summary.get("parameters_gib"):
+        lines.append(f"live across steps: parameters {summary['parameters_gib']:.2f} GiB, "
+                     f"optimizer state {summary['optimizer_state_gib']:.2f} GiB (blocks and "
+                     f"heads; part of any peak above)")
     if summary.get("profile"):
         lines.append(f"profile: {summary['profile']}")
     export = summary.get("export")

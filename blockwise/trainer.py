@@ -405,6 +405,8 @@ class Trainer:
         #: torch.utils.flop_counter in the segment's last warm-up step; None: not counted (no
         #: warm-up step in this process)
         self.flops_per_step: List[Optional[int]] = []
+        #: the largest resident_bytes() at the end of a phase (sequential: of a block)
+        self.resident_max: Dict[str, int] = {"parameters_bytes": 0, "optimizer_state_bytes": 0}
         self._flops_counted: Optional[int] = None
         torch.manual_seed(_mix(cfg.seed, 3, self.dist.rank))  # the noise generator
         self._resume_ckpt: Optional[dict] = None
@@ -532,9 +534,12 @@ class Trainer:
                         if st.batch == self.steps_per_epoch:  # the epoch is complete
                             st.epoch, st.batch = st.epoch + 1, 0
                             self.save_checkpoint()
-                    if measuring:  # still inside the segment: its heads and optimizer state
-                        self.resident.append(self.resident_bytes())
+                    resident = self.resident_bytes()  # this phase's heads and optimizer state
+                    if measuring:
+                        self.resident.append(resident)
                         self.flops_per_step.append(self._flops_counted)
+                    if sum(resident.values()) > sum(self.resident_max.values()):
+                        self.resident_max = resident
                 self._flops_counted = None
                 if st.block_step < total:  # stopped by --max-steps
                     break
@@ -857,6 +862,8 @@ class Trainer:
             "data_wait_share": self.data_wait_s / elapsed if elapsed > 0 else None,
             "peak_memory_gib": self.peak_memory_gib(),
             "peak_memory_gib_per_block": dict(self.peaks) or None,
+            "parameters_gib": self.resident_max["parameters_bytes"] / GIB,
+            "optimizer_state_gib": self.resident_max["optimizer_state_bytes"] / GIB,
             "measured_steps": self.measured_steps,
             "loader_workers": self.workers,
             "last_checkpoint": self.last_checkpoint,

@@ -55,6 +55,10 @@ def test_readme_command_end_to_end(tmp_path):
     assert f"total: {summary['wall_s']:.1f} s" in proc.stdout
     assert "images/s (the main process" in proc.stdout  # loader capacity in images/s too
     assert summary["export"]["strict_torchvision"] is False  # small stem: explained, not strict
+    # what lives across steps: 4 heads and the backbone, fp32, and one LARS momentum per weight
+    params = summary["parameters_gib"]
+    assert params > 0 and summary["optimizer_state_gib"] == pytest.approx(params)
+    assert f"live across steps: parameters {params:.2f} GiB" in proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["e2e", "simultaneous", "sequential"])

@@ -141,7 +141,10 @@ def _short(reason: Optional[str]) -> str:
                           ("out of memory", "OOM"), ("no e2e", "no e2e run"),
                           ("not requested", "not requested"),
                           ("segments", "no per-block segments"),
-                          ("not timed", "not timed")):
+                          ("not timed", "not timed"),
+                          ("counted per training step", "per step only"),
+                          ("flops not counted", "not counted"), ("not recorded", "not recorded"),
+                          ("inconsistent", "inconsistent")):
         if needle in r:
             return short
     return reason if len(reason) <= 28 else reason[:25] + "..."
@@ -257,8 +260,17 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         met["throughput_img_s"] = _div(1000.0, met["time_per_image_ms"])
         met["sampled_energy_per_image_j"] = sum(s_img) if all(v is not None for v in s_img) \
             else None
-        for s, t, e in zip(segs, t_img, e_img):
+        meta = r.profile.get("meta") or {}
+        flops = meta.get("flops_per_step") or []
+        raw = r.profile["run"].get("segments") or []
+        batch, world = meta.get("batch_size"), meta.get("world_size") or 1
+        per_seg = len(flops) == len(raw) == len(segs) and batch
+        for k, (s, t, e) in enumerate(zip(segs, t_img, e_img)):
+            f = flops[k] if per_seg else None
             per_block.append({
+                "gflop_per_pair": None if f is None else f * world / batch / 1e9,
+                "gflop_unavailable": None if f is not None else (
+                    FLOPS_NOT_COUNTED if per_seg else NO_FLOPS),
                 "block": s["label"], "source": "measured segment",
                 "peak_allocated_gib": s["peak_allocated_gib"],
                 "peak_reserved_gib": s["peak_reserved_gib"],
@@ -286,6 +298,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
             timed = _timed(w)
             energy, source = _window_energy(w, run.get("energy_method")) if timed else (None, None)
             per_block.append({
+                "gflop_per_pair": None,
+                "gflop_unavailable": "flops are counted per training step, not per block",
                 "block": name, "source": f"'{name}' windows",
                 "peak_allocated_gib": w.get("peak_allocated_gib"),
                 "peak_reserved_gib": w.get("peak_reserved_gib"),
@@ -466,6 +480,7 @@ DETAIL_COLUMNS = [
 ]
 BLOCK_COLUMNS = [
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
+    ("gflop_per_pair", "GFLOP/pair", "{:.1f}", True),
     ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
     ("energy_per_image_j", "energy/pair (J)", "{:.4f}", True),
     ("energy_source", "energy from", "{}", False),
@@ -661,6 +676,7 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     for e in entries:
         for b in e["per_block"]:
             reasons = {k: (b.get("energy_unavailable") if k == "energy_per_image_j" else
+                           b.get("gflop_unavailable") if k == "gflop_per_pair" else
                            b.get("time_unavailable") if k == "time_per_image_ms" and
                            b.get("time_unavailable") else
                            e["na"].get(k.replace("time_per_image_ms", "time_s")))

@@ -170,7 +170,7 @@ def test_peak_memory_breakdown(monkeypatch, tmp_path):
     md = open(tmp_path / "report" / "report.md").read()
     section = md.split("## Peak memory breakdown")[1].split("## Per block")[0]
     assert "| run | peak allocated (GiB) |" in section and "optimizer state (GiB)" in section
-    assert "n/a (parameters and opt" in section  # the old profile's cells say why
+    assert "n/a (not recorded)" in section  # the old profile's cells say why
 
 
 def test_arithmetic_table(monkeypatch, tmp_path):
@@ -193,6 +193,14 @@ def test_arithmetic_table(monkeypatch, tmp_path):
         thr = next(r for r in rep["runs"] if r["label"] == mode)["metrics"]["throughput_img_s"]
         assert cells["achieved_tflops"] == pytest.approx(gflop * thr / 1000)
     assert rows["simultaneous"]["cells"]["gflop_per_pair_vs_e2e"] == pytest.approx(7.2 / 6.4)
+    # sequential per block: each block's own step (the frozen blocks' forward included)
+    blocks = [r for r in rep["tables"]["per_block"]["rows"] if r["label"].startswith("sequential")]
+    assert [b["cells"]["gflop_per_pair"] for b in blocks] == pytest.approx(
+        [f / 32 / 1e9 for f in flops["sequential"]])
+    sim_block = next(r for r in rep["tables"]["per_block"]["rows"]
+                     if r["label"].startswith("simultaneous"))
+    assert sim_block["cells"]["gflop_per_pair"] is None
+    assert "per training step" in sim_block["na"]["gflop_per_pair"]
     assert rows["uncounted"]["cells"]["gflop_per_pair"] is None
     assert "warm-up" in rows["uncounted"]["na"]["gflop_per_pair"]
     assert check_ratios(rep) > 0

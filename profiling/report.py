@@ -260,17 +260,11 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         met["throughput_img_s"] = _div(1000.0, met["time_per_image_ms"])
         met["sampled_energy_per_image_j"] = sum(s_img) if all(v is not None for v in s_img) \
             else None
-        meta = r.profile.get("meta") or {}
-        flops = meta.get("flops_per_step") or []
-        raw = r.profile["run"].get("segments") or []
-        batch, world = meta.get("batch_size"), meta.get("world_size") or 1
-        per_seg = len(flops) == len(raw) == len(segs) and batch
+        gflops, gflop_why = _segment_gflops(r.profile, segs)
         for k, (s, t, e) in enumerate(zip(segs, t_img, e_img)):
-            f = flops[k] if per_seg else None
             per_block.append({
-                "gflop_per_pair": None if f is None else f * world / batch / 1e9,
-                "gflop_unavailable": None if f is not None else (
-                    FLOPS_NOT_COUNTED if per_seg else NO_FLOPS),
+                "gflop_per_pair": None if gflops is None else gflops[k],
+                "gflop_unavailable": gflop_why,
                 "block": s["label"], "source": "measured segment",
                 "peak_allocated_gib": s["peak_allocated_gib"],
                 "peak_reserved_gib": s["peak_reserved_gib"],
@@ -379,30 +373,39 @@ FLOPS_NOT_COUNTED = ("flops not counted: the trainer counts them in the last war
                      "(--profile-warmup 0 leaves none)")
 
 
-def _arithmetic(profile: dict, mode: str, block_segs: Optional[List[dict]],
-                throughput: Optional[float]) -> Tuple[Dict[str, Optional[float]], Dict[str, str]]:
-    """gflop_per_pair: matmul and convolution flops per image pair of one training step
-    (forward, backward and any recomputation; meta["flops_per_step"], per process, counted by
-    torch.utils.flop_counter; sequential: summed over the blocks, as its per-pair time);
-    achieved_tflops: that over the measured time per pair, per GPU (process)."""
+def _segment_gflops(profile: dict, block_segs: Optional[List[dict]]
+                    ) -> Tuple[Optional[List[float]], Optional[str]]:
+    """Matmul and convolution GFLOP per image pair of one training step, per measured segment
+    (meta["flops_per_step"]: per process, counted by torch.utils.flop_counter), or (None, why).
+    ``block_segs``: sequential's segments merged per block; they must be one per block."""
     meta = profile.get("meta") or {}
     flops = meta.get("flops_per_step")
     segs = profile["run"].get("segments") or []
-    keys = ("gflop_per_pair", "achieved_tflops")
-    why = None
-    if flops is None or len(flops) != len(segs) or not flops:
-        why = NO_FLOPS
-    elif any(f is None for f in flops):
-        why = FLOPS_NOT_COUNTED
-    elif mode == "sequential" and (not block_segs or len(block_segs) != len(flops)):
-        why = "sequential segments not one per block"
     batch, world = meta.get("batch_size"), meta.get("world_size") or 1
-    if why is None and not batch:
-        why = "batch size not recorded"
-    if why is not None:
+    if not flops or len(flops) != len(segs):
+        return None, NO_FLOPS
+    if any(f is None for f in flops):
+        return None, FLOPS_NOT_COUNTED
+    if block_segs is not None and len(block_segs) != len(flops):
+        return None, "sequential segments not one per block"
+    if not batch:
+        return None, "batch size not recorded"
+    return [f * world / batch / 1e9 for f in flops], None
+
+
+def _arithmetic(profile: dict, mode: str, block_segs: Optional[List[dict]],
+                throughput: Optional[float]) -> Tuple[Dict[str, Optional[float]], Dict[str, str]]:
+    """gflop_per_pair: the flops of one training step per image pair (forward, backward and any
+    recomputation; sequential: summed over the blocks, as its per-pair time); achieved_tflops:
+    that over the measured time per pair, per GPU (process)."""
+    keys = ("gflop_per_pair", "achieved_tflops")
+    if mode == "sequential" and not block_segs:
+        return {k: None for k in keys}, {k: "sequential segments not one per block" for k in keys}
+    gflops, why = _segment_gflops(profile, block_segs if mode == "sequential" else None)
+    if gflops is None:
         return {k: None for k in keys}, {k: why for k in keys}
-    per_step = sum(flops) if mode == "sequential" else flops[0]
-    gflop = per_step * world / batch / 1e9
+    gflop = sum(gflops) if mode == "sequential" else gflops[0]
+    world = (profile.get("meta") or {}).get("world_size") or 1
     achieved = None if throughput is None else gflop * throughput / world / 1000.0
     return ({"gflop_per_pair": gflop, "achieved_tflops": achieved},
             {} if achieved is not None else {"achieved_tflops": "time not measured"})

@@ -19,7 +19,8 @@
 #   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
 #   energy           NVML counter vs power integration on >= 10 s windows
 #   maxbatch         python -m profiling maxbatch, the three modes, the compare settings
-#   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile)
+#   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile,
+#                    and host_floor: one empty launch each way, the host's cost per call)
 #   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
 #   learning         the learning check on a CIFAR-10-layout folder (scripts/gpu_learning_check.sh)
 #

@@ -395,10 +395,10 @@ class EnergyMeter:
             self.gpu_unavailable = "; ".join(counter_problems + power_problems)
 
     def _resolve(self, nvml: Any, gpus: Optional[Sequence[GpuSpec]]) -> List[int]:
+        import torch
+
         if gpus is None:
             try:
-                import torch
-
                 if torch.cuda.is_available():
                     self._cuda_ordinals = list(range(torch.cuda.device_count()))
                     return [_nvml.nvml_index_for_cuda_device(nvml, c)
@@ -413,8 +413,6 @@ class EnergyMeter:
             if isinstance(g, int):
                 out.append(g)
                 continue
-            import torch
-
             dev = torch.device(g)
             if dev.type != "cuda":
                 raise ValueError(f"gpus entries must be CUDA devices or NVML indices, got {g!r}")

@@ -1,9 +1,10 @@
-"""``python -m profiling compare | maxbatch | report``.
+"""``python -m profiling compare | maxbatch | report | bench``.
 
     python -m profiling compare --modes e2e,simultaneous,sequential --arch resnet50 \\
         --image-size 224 --batch-size 256 --steps 20 --out DIR [-- extra trainer flags]
     python -m profiling maxbatch --modes e2e,sequential --start 256 --out DIR
     python -m profiling report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python -m profiling bench BENCH.json [--baseline torch_compile] [--out FILE.md]
 
 Flags this command does not know are passed to every trainer run (``python -m blockwise.train``),
 as are the flags after ``--``.
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from profiling import compare, maxbatch
+from profiling import bench, compare, maxbatch
 from profiling.report import load_run_dir, write_report
 
 
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     maxbatch.add_arguments(m)
     r = sub.add_parser("report", help="render report.md/json/plots from --profile run dirs")
     _report_args(r)
+    b = sub.add_parser("bench", help="pytest-benchmark JSON as tables with ratios to a baseline")
+    bench.add_arguments(b)
     return parser
 
 
@@ -74,10 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args._argv = argv[1:] + (["--"] + extra if extra else [])
-    if unknown and args.command == "report":
+    if unknown and args.command in ("report", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     extra = unknown + extra
-    handler = {"compare": compare.run, "maxbatch": maxbatch.run, "report": _report}[args.command]
+    handler = {"compare": compare.run, "maxbatch": maxbatch.run, "report": _report,
+               "bench": bench.run}[args.command]
     try:
         return handler(args, extra)
     except (ValueError, FileNotFoundError) as e:

@@ -83,6 +83,10 @@ git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 COMPARE=(python -m profiling compare --modes e2e,simultaneous,sequential --arch "$ARCH"
          --image-size "$IMG" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
          --projector "$PROJ" --device "$DEVICE" --fused on)
+bench_table() {  # bench_table NAME BASELINE: the benchmark JSON as tables in summary.txt
+    [ -f "$WORK/$1.json" ] && python -m profiling bench "$WORK/$1.json" --baseline "$2" \
+        --out "$WORK/$1.md" | tee -a "$LOG"
+}
 MEMOPTS=activation-checkpointing,split-views  # the option runs' e2e baseline runs without them
 BENCH=(python -m pytest -q -p no:cacheprovider --benchmark-only
        --benchmark-columns=median,iqr,rounds)
@@ -128,10 +132,12 @@ for part in $PARTS; do
                 --out "$WORK/maxbatch" -- --precision bf16 ;;
         bt_bench)
             guard bt_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_barlow_twins.py \
-                -k "not fused_cross" --benchmark-json "$WORK/bt_bench.json" ;;
+                -k "not fused_cross" --benchmark-json "$WORK/bt_bench.json"
+            bench_table bt_bench torch_compile ;;
         expander_bench)
             guard expander_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_expander.py \
-                --benchmark-json "$WORK/expander_bench.json" ;;
+                --benchmark-json "$WORK/expander_bench.json"
+            bench_table expander_bench torch ;;
         learning)
             if [ -z "$DATA" ]; then say "-- learning: skipped (DATA not set)"; continue; fi
             export MODES=${MODES:-e2e simultaneous}  # MODES, PARALLEL, VARIANTS, TAG: read by

@@ -56,3 +56,15 @@ def pytest_configure(config):
         opt.benchmark_disable = True
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped otherwise)")
     config.addinivalue_line("markers", "slow: slow on CPU")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """--benchmark-json files name the device and versions that produced them (read by
+    ``python -m profiling bench``)."""
+    import triton
+
+    machine_info["torch"] = torch.__version__
+    machine_info["triton"] = triton.__version__
+    if HAS_CUDA:
+        machine_info["cuda"] = torch.version.cuda
+        machine_info["cuda_device"] = torch.cuda.get_device_name()

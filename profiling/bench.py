@@ -31,6 +31,7 @@ class Row:
     rounds: int
     peak_mib: Optional[float]
     floor_ms: Optional[float]
+    energy_j: Optional[float] = None   # GPU energy per image (pair), where recorded
 
 
 def _num(v: Any) -> Optional[float]:
@@ -76,11 +77,15 @@ def groups(data: Dict[str, Any]) -> Dict[str, List[Row]]:
             continue
         extra = b.get("extra_info") or {}
         iqr = _num(stats.get("iqr"))
+        peak = _num(extra.get("peak_extra_mib"))
+        if peak is None and _num(extra.get("peak_allocated_gib")) is not None:
+            peak = extra["peak_allocated_gib"] * 1024.0
         out.setdefault(str(b.get("group") or b.get("name")), []).append(Row(
             provider=_provider(b), median_ms=median * 1e3,
             iqr_ms=iqr * 1e3 if iqr is not None else math.nan,
             rounds=int(stats.get("rounds") or 0),
-            peak_mib=_num(extra.get("peak_extra_mib")), floor_ms=_num(extra.get("floor_ms"))))
+            peak_mib=peak, floor_ms=_num(extra.get("floor_ms")),
+            energy_j=_num(extra.get("energy_per_image_j"))))
     return out
 
 
@@ -120,9 +125,11 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
             raise ValueError(f"bench: baseline provider {baseline!r} is not in {path}; "
                              f"valid: {', '.join(known)}")
     lines = [f"# {title or 'Benchmarks'}", ""] + header(data, path) + [
-        "- median of the rounds, in ms (IQR); peak = extra memory allocated by one call above "
-        "what was allocated before it (MiB); floor = the benchmark's own bound (flops over the "
-        "measured matmul rate, or bytes over the measured copy rate)", ""]
+        "- median of the rounds, in ms (IQR); peak (MiB) = the memory one call allocates above "
+        "what was allocated before it (`peak_extra_mib`), or for a training step the step's "
+        "whole peak allocation (`peak_allocated_gib`); floor = the benchmark's own bound (flops "
+        "over the measured matmul rate, or bytes over the measured copy rate); J/pair = GPU "
+        "energy per image pair, where the benchmark measured it", ""]
     base_note = f"{baseline} / this" if baseline else "n/a"
     for group, rows in by_group.items():
         lines += [f"## {group}", ""]
@@ -134,6 +141,11 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
         if baseline:
             head.append(f"peak / {baseline}")
         head.append("x floor")
+        energy = any(r.energy_j is not None for r in rows)
+        if energy:
+            head.append("J/pair")
+            if baseline:
+                head.append(f"J / {baseline}")
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             cells = [r.provider, f"{_ms(r.median_ms)} ({_ms(r.iqr_ms) if r.iqr_ms == r.iqr_ms else 'n/a'})",
@@ -151,6 +163,13 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
                     cells.append(_ratio(r.peak_mib / base.peak_mib))
             cells.append(_ratio(r.median_ms / r.floor_ms) if r.floor_ms
                          else "n/a (no floor recorded)")
+            if energy:
+                cells.append(f"{r.energy_j:#.3g}" if r.energy_j is not None
+                             else "n/a (not measured)")
+                if baseline:
+                    ok = base is not None and r.energy_j is not None and base.energy_j
+                    cells.append(_ratio(r.energy_j / base.energy_j) if ok
+                                 else "n/a (not measured)")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -22,6 +22,9 @@
 #   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile,
 #                    and host_floor: one empty launch each way, the host's cost per call)
 #   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
+#   step_bench       one training step per mode (ResNet-50 224 px bf16, batch 128), peak memory
+#                    and energy per pair, torch and fused: a second, pytest-benchmark measurement
+#                    of the compare figures (table with ratios to e2e)
 #   learning         the learning check on a CIFAR-10-layout folder (scripts/gpu_learning_check.sh)
 #
 #   OUT=dir DATA=cifar_dir BUDGET_S=570 PARTS="cuda_tests compare_default" bash scripts/gpu_session.sh
@@ -57,7 +60,8 @@ PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
 VALID="cuda_tests compare_default compare_split compare_noexp compare_store compare_ckpt
-       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench expander_bench learning"
+       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench expander_bench step_bench
+       learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
     case " $(echo $VALID) " in *" $part "*) ;; *)
         echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
@@ -138,6 +142,10 @@ for part in $PARTS; do
             guard expander_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_expander.py \
                 --benchmark-json "$WORK/expander_bench.json"
             bench_table expander_bench torch ;;
+        step_bench)
+            guard step_bench 240 "${BENCH[@]}" tests/benchmarks/test_bench_train_step.py \
+                --benchmark-json "$WORK/step_bench.json"
+            bench_table step_bench e2e ;;
         learning)
             if [ -z "$DATA" ]; then say "-- learning: skipped (DATA not set)"; continue; fi
             export MODES=${MODES:-e2e simultaneous}  # MODES, PARALLEL, VARIANTS, TAG: read by

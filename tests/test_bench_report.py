@@ -137,3 +137,30 @@ def test_real_pytest_benchmark_file(tmp_path):
     assert float(rows["fast"][2]) == pytest.approx(med["slow"] / med["fast"], rel=0.006)
     assert rows["slow"][2] == "1.00" and rows["fast"][4] == "0.500"
     assert rows["fast"][5] == "n/a (no floor recorded)"
+
+
+def _bench(group, provider, median_s, **extra):
+    return {"group": group, "name": f"t[{provider}]", "params": {"x": 1}, "param": provider,
+            "stats": {"median": median_s, "iqr": median_s / 10, "rounds": 10},
+            "extra_info": dict(provider=provider, **extra)}
+
+
+def test_train_step_fields_energy_and_whole_peak():
+    """Training-step benchmarks record the whole peak in GiB and energy per pair."""
+    g = "train step"
+    data = {"benchmarks": [
+        _bench(g, "e2e", 0.100, peak_allocated_gib=20.0, energy_per_image_j=2.0),
+        _bench(g, "simultaneous", 0.250, peak_allocated_gib=10.0, energy_per_image_j=5.0),
+        _bench(g, "sequential-block1", 0.050, peak_allocated_gib=5.0, energy_per_image_j=None)]}
+    rows = _table(bench.render(data, "ts.json", baseline="e2e"), g)
+    # provider, median, rounds, x faster, peak MiB, peak ratio, x floor, J/pair, J ratio
+    assert rows["simultaneous"][2] == "0.400" and rows["sequential-block1"][2] == "2.00"
+    assert rows["simultaneous"][3] == "10240.0" and rows["simultaneous"][4] == "0.500"
+    assert rows["simultaneous"][6] == "5.00" and rows["simultaneous"][7] == "2.50"
+    assert rows["sequential-block1"][6] == "n/a (not measured)"
+    assert rows["sequential-block1"][7] == "n/a (not measured)"
+    # no energy anywhere in a group: no energy columns
+    for b in data["benchmarks"]:
+        b["extra_info"].pop("energy_per_image_j")
+    rows = _table(bench.render(data, "ts.json", baseline="e2e"), g)
+    assert len(rows["e2e"]) == 6

@@ -6,7 +6,8 @@ block k after blocks 1..k-1 are frozen. ``extra_info`` holds the peak allocated 
 trainer's own per-step peak), and the GPU energy of ``ENERGY_STEPS`` steps measured in one
 EnergyMeter window (NVML counter, or power sampling where the counter is not supported).
 
-    pytest tests/benchmarks/test_bench_train_step.py --benchmark-only
+    pytest tests/benchmarks/test_bench_train_step.py --benchmark-only --benchmark-json ts.json
+    python -m profiling bench ts.json --baseline e2e     # per mode, ratios to e2e
 """
 import pytest
 import torch
@@ -53,8 +54,10 @@ def test_bench_train_step(benchmark, tmp_path, mode, block, fused):
         step()
     e = meter.end("steps")
     meter.close()
+    label = mode if mode != "sequential" else f"sequential-block{block}"
+    benchmark.group = f"train step resnet50 224px bf16 batch {BATCH} {'fused' if fused else 'torch'}"
     benchmark.extra_info.update({
-        "mode": mode, "block": block if mode == "sequential" else None, "fused": fused,
+        "provider": label, "mode": mode, "block": block if mode == "sequential" else None, "fused": fused,
         "batch_image_pairs": BATCH, "gpu": torch.cuda.get_device_name(dev),
         "peak_allocated_gib": max(trainer.peaks.values()) if trainer.peaks else None,
         "energy_per_step_j": None if e.energy_j is None else e.energy_j / ENERGY_STEPS,

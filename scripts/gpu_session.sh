@@ -20,7 +20,8 @@
 #   energy           NVML counter vs power integration on >= 10 s windows
 #   maxbatch         python -m profiling maxbatch, the three modes, the compare settings
 #   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile,
-#                    and host_floor: one empty launch each way, the host's cost per call)
+#                    host_floor: one empty launch each way, the host's cost per call;
+#                    fused_graph: the fused launchers replayed from CUDA graphs, a prototype)
 #   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
 #   step_bench       one training step per mode (ResNet-50 224 px bf16, batch 128), peak memory
 #                    and energy per pair, torch and fused: a second, pytest-benchmark measurement

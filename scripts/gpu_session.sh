@@ -30,7 +30,8 @@
 #
 #   OUT=dir DATA=cifar_dir BUDGET_S=570 PARTS="cuda_tests compare_default" bash scripts/gpu_session.sh
 #
-# $OUT gets two files (the device returns few): summary.txt (every part's status and the tables)
+# $OUT gets two files (the device returns few): summary.txt (every part's status, the tables and
+# a PASS/MISS line per issue bar, scripts/issue_bars.py)
 # and session.tar.gz (logs, reports, plots, benchmark JSON; no weights).
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
 # start-up when it went cold, and a cold machine has lost the previous call's files; guards in
@@ -165,5 +166,10 @@ for r in compare_default compare_split compare_noexp compare_store compare_ckpt 
 done
 [ -f "$WORK/maxbatch/maxbatch.md" ] && grep '^|' "$WORK/maxbatch/maxbatch.md" | tee -a "$LOG"
 grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL)" "$WORK"/*.log 2>/dev/null | tee -a "$LOG"
+say ""; say "== issue bars (scripts/issue_bars.py) =="
+BARS=()
+for f in "$WORK"/compare_*/report.json; do [ -f "$f" ] && BARS+=(--compare "$f"); done
+[ -f "$WORK/bt_bench.json" ] && BARS+=(--bt-bench "$WORK/bt_bench.json")
+[ ${#BARS[@]} -gt 0 ] && python scripts/issue_bars.py "${BARS[@]}" 2>&1 | tee -a "$LOG"
 tar czf "$OUT/session.tar.gz" -C "$WORK" --exclude='*.pt' --exclude='*.tmp' . 2>/dev/null
 say "== done in $(( SECONDS - t0 )) s =="

@@ -1,0 +1,89 @@
+"""scripts/issue_bars.py: verdict lines for the issues' GPU bars, from report and benchmark files."""
+import copy
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import issue_bars  # noqa: E402
+from profiling import bench  # noqa: E402
+
+H100_BT = os.path.join(ROOT, "docs", "reports", "h100_bt_bench.json")
+
+
+def test_bt_bars_from_the_h100_file():
+    data = bench.load(H100_BT)
+    lines = issue_bars.bt_bars(data, H100_BT)
+    med = {(b["extra_info"]["n"], b["extra_info"]["provider"]): b for b in data["benchmarks"]}
+    for n, bar in ((256, 10), (2048, 2)):
+        ratio = med[(n, "torch_compile")]["stats"]["median"] / med[(n, "fused_auto")]["stats"]["median"]
+        line = next(x for x in lines if x.startswith(f"BAR issue 3: N={n} fused_auto {ratio:.2f}x"))
+        assert line.endswith("PASS" if ratio >= bar else "MISS")
+    mem = [x for x in lines if "peak" in x]
+    assert len(mem) == 3 and all(x.endswith("PASS") for x in mem)  # 0.042 / 0.165 / 0.235
+    assert not any("host floor" in x for x in lines)  # that file predates the provider
+    # a host floor above a tenth of compile's time says the 10x line is out of reach
+    data2 = copy.deepcopy(data)
+    floor = copy.deepcopy(med[(256, "torch")])
+    floor["extra_info"]["provider"] = "host_floor"
+    floor["stats"]["median"] = 0.3e-3
+    data2["benchmarks"].append(floor)
+    line = next(x for x in issue_bars.bt_bars(data2, "x") if "host floor" in x)
+    assert "out of reach" in line and "0.300 ms" in line
+
+
+def _report(settings_over=None, gpu="NVIDIA H100 80GB HBM3"):
+    settings = dict(issue_bars.ISSUE4_SETTINGS, fused=True)
+    settings.update(settings_over or {})
+    runs = [dict(label="e2e (without --split-views)", mode="e2e", fused=True),
+            dict(label="e2e", mode="e2e", fused=True),
+            dict(label="simultaneous", mode="simultaneous", fused=True),
+            dict(label="sequential", mode="sequential", fused=False)]
+    cells = {"e2e (without --split-views)": (1.0, 1.0), "e2e": (0.6, 0.8),
+             "simultaneous": (0.47, 0.5), "sequential": (0.31, 0.4)}
+    rows = [dict(label=k, cells=dict(peak_allocated_gib_vs_e2e=p, throughput_img_s_vs_e2e=t))
+            for k, (p, t) in cells.items()]
+    return dict(header=dict(settings=settings, gpu=gpu), runs=runs,
+                baseline="e2e (without --split-views)", tables=dict(summary=dict(rows=rows)))
+
+
+def test_compare_bars_verdicts():
+    lines = issue_bars.compare_bars(_report(), "/x/cmp/report.json")
+    text = "\n".join(lines)
+    assert "simultaneous peak memory 0.470x e2e (without --split-views) (<= 0.5): PASS" in text
+    assert "sequential peak memory 0.310x e2e (without --split-views) (<= 0.3): MISS" in text
+    assert "simultaneous throughput 0.500x e2e (without --split-views) (>= 0.95): MISS" in text
+    assert lines[0].startswith("BAR [cmp] baseline: e2e (without --split-views)")
+    # a run that was not fused is not judged on the throughput bar
+    rep = _report()
+    rep["runs"][2]["fused"] = False
+    assert any("n/a (the bar is with --fused" in x for x in issue_bars.compare_bars(rep, "r.json"))
+    # missing figure: n/a, not a verdict
+    rep = _report()
+    rep["tables"]["summary"]["rows"][2]["cells"]["peak_allocated_gib_vs_e2e"] = None
+    assert any("simultaneous peak memory: n/a (not measured" in x
+               for x in issue_bars.compare_bars(rep, "r.json"))
+
+
+def test_compare_bars_refuses_other_settings():
+    lines = issue_bars.compare_bars(_report({"batch_size": 8}, gpu=None), "r.json")
+    assert len(lines) == 2 and "not the bar's settings" in lines[1]
+    assert "batch_size 8 (bar: 256)" in lines[1] and "no GPU" in lines[1]
+    assert not any(x.endswith(("PASS", "MISS")) for x in lines)
+
+
+def test_cli(tmp_path, capsys):
+    path = tmp_path / "cmp" / "report.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(_report()))
+    assert issue_bars.main(["--compare", str(path), "--bt-bench", H100_BT]) == 0
+    out = capsys.readouterr().out
+    assert out.count("BAR issue 3") == 5 and out.count("BAR [cmp] issue 4") == 3
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    assert issue_bars.main(["--compare", str(bad)]) == 2
+    bad.write_text("{}")
+    assert issue_bars.main(["--compare", str(bad)]) == 2
+    assert "not a compare report.json" in capsys.readouterr().err

@@ -52,6 +52,10 @@ N=256, D=8192)
    (the H100 plan; tests/test_barlow_twins.py counts them): 4 / 8 / 12 at N = 256 / 1024 / 2048
    (4 / 22 / 37 with the earlier 8 MiB chunks, one finalise per chunk and a BatchNorm launch per
    side). Wall time at these sizes is mostly host launch overhead (docs/performance.md).
+   ``cuda_graphs=True`` (opt-in, not yet measured on a GPU) replays forward and backward
+   launchers from one CUDA graph per input address instead: one replay in the forward (the
+   gradients at grad_loss = 1 computed there), one multiply per gradient in the backward
+   (``_GraphedLossFn``; correct in any call order, see its docstring).
 Why a and b are materialised: a first version normalised z inside the GEMM K-loops, and with
 that elementwise transform between load and dot its GEMMs ran at 60-140 TFLOP/s on the H100
 (most likely the loads were not software-pipelined; not checked in SASS); as plain GEMMs on
@@ -155,6 +159,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -1408,9 +1413,162 @@ class _BarlowTwinsLossFn(torch.autograd.Function):
         return dz1, dz2, None, None, None, None, None
 
 
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs (opt-in): the whole op replayed from one graph per input address
+# ----------------------------------------------------------------------------------------------
+
+
+class _CudaGraphs:
+    """Capture backend. ``capture(fn, z1, z2)`` records the launches of ``fn(z1, z2)`` in a
+    torch.cuda.CUDAGraph without running them and returns (replay, outputs of fn, the graph);
+    ``replay(z1, z2)`` reruns them on the tensors at the captured addresses (the arguments are
+    for backends that cannot read by address: the CPU tests' fake). Holds no reference to the
+    inputs, so that later tensors at the same addresses can match."""
+
+    @staticmethod
+    def usable(z: torch.Tensor) -> bool:
+        return z.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+    @staticmethod
+    def capture(fn, z1, z2):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn(z1, z2)
+        return (lambda a, b: graph.replay()), out, graph
+
+
+@dataclass
+class _Captured:
+    replay: object                     # (z1, z2) -> None: recompute loss and dz in place
+    loss: torch.Tensor                 # static fp32 loss
+    dz: Tuple[torch.Tensor, torch.Tensor]   # static dL/dz1, dL/dz2 at grad_loss = 1
+    graph: object                      # kept alive with its memory pool
+    owner: Optional[object] = None     # token of the forward whose results dz holds
+
+
+class _GraphCache:
+    """Graphs keyed by the inputs' addresses, layout and the op's settings.
+
+    A graph reads z1 and z2 at the addresses it was captured with, so it is replayed only for
+    inputs at those addresses (in training the caching allocator hands each block's projector
+    output the same address step after step). An address is captured the second time it is
+    seen (the first call runs eagerly and compiles the kernels); at most ``max_graphs`` graphs
+    are kept (least recently used dropped); after ``max_captures`` captures with fewer replays
+    than captures the addresses evidently change every call, and graphs are switched off for
+    the process with one warning."""
+
+    def __init__(self, max_graphs: int = 8, max_captures: int = 32):
+        self.max_graphs, self.max_captures = max_graphs, max_captures
+        self.graphs: "OrderedDict[tuple, _Captured]" = OrderedDict()
+        self.seen: Dict[tuple, int] = {}
+        self.captures = self.replays = 0
+        self.disabled: Optional[str] = None
+        self.backend = _CudaGraphs()
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.seen.clear()
+        self.captures = self.replays = 0
+        self.disabled = None
+
+    def lookup(self, key: tuple) -> Optional[_Captured]:
+        entry = self.graphs.get(key)
+        if entry is not None:
+            self.graphs.move_to_end(key)
+            self.replays += 1
+        return entry
+
+    def want_capture(self, key: tuple) -> bool:
+        if self.disabled is not None:
+            return False
+        if len(self.seen) > 1024:
+            self.seen.clear()
+        self.seen[key] = self.seen.get(key, 0) + 1
+        return self.seen[key] >= 2
+
+    def capture(self, key: tuple, fn, z1, z2) -> Optional[_Captured]:
+        if self.captures >= self.max_captures and self.replays < self.captures:
+            self.disabled = (f"{self.captures} graphs captured but only {self.replays} replayed: "
+                             "the inputs' addresses change from call to call")
+            import warnings
+            warnings.warn(f"{_OP}(cuda_graphs=True): CUDA graphs switched off, {self.disabled}; "
+                          "running the launchers directly", RuntimeWarning, stacklevel=4)
+            self.graphs.clear()
+            return None
+        replay, (loss, dz), graph = self.backend.capture(fn, z1, z2)
+        self.captures += 1
+        entry = _Captured(replay, loss, (dz[0], dz[1]), graph)
+        self.graphs[key] = entry
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+        return entry
+
+
+_GRAPHS = _GraphCache()
+_ONES: Dict[torch.device, torch.Tensor] = {}
+
+
+def _loss_and_grads(z1, z2, lambd, scale, eps, method):
+    """Loss and both gradients at grad_loss = 1, forward and backward launchers back to back."""
+    one = _ONES.get(z1.device)
+    if one is None:
+        one = _ONES[z1.device] = torch.ones((), device=z1.device, dtype=torch.float32)
+    loss, st = barlow_twins_fwd(z1, z2, lambd, scale, eps, method)
+    dz = barlow_twins_bwd(st, one)
+    return loss, (dz[0], dz[1])
+
+
+def _graph_key(z1, z2, lambd, scale, eps, method) -> tuple:
+    return (z1.data_ptr(), z2.data_ptr(), tuple(z1.shape), z1.stride(), z2.stride(), z1.dtype,
+            z1.device, lambd, scale, eps, method)
+
+
+def _graphs_usable(z1, z2, group) -> bool:
+    return (z1.requires_grad and z2.requires_grad and torch.is_grad_enabled()
+            and z1.is_contiguous() and z2.is_contiguous() and not _resolve_group(group).active
+            and _GRAPHS.backend.usable(z1))
+
+
+class _GraphedLossFn(torch.autograd.Function):
+    """The loss with its gradients computed in the forward (one graph replay), scaled by
+    grad_loss in the backward. A backward whose forward's results were overwritten by a later
+    replay of the same graph recomputes them directly (correct in any call order)."""
+
+    @staticmethod
+    def forward(ctx, z1, z2, lambd, scale, eps, method):
+        key = _graph_key(z1, z2, lambd, scale, eps, method)
+        entry = _GRAPHS.lookup(key)
+        if entry is None and _GRAPHS.want_capture(key):
+            fn = functools.partial(_loss_and_grads, lambd=lambd, scale=scale, eps=eps,
+                                   method=method)
+            entry = _GRAPHS.capture(key, fn, z1, z2)
+        ctx.save_for_backward(z1, z2)
+        ctx.hparams = (lambd, scale, eps, method)
+        if entry is None:  # not captured (first sight of these addresses): run directly
+            loss, ctx.dz = _loss_and_grads(z1, z2, lambd, scale, eps, method)
+            ctx.entry = ctx.token = None
+            return loss
+        entry.replay(z1, z2)
+        ctx.entry, ctx.token, ctx.dz = entry, object(), None
+        entry.owner = ctx.token
+        return entry.loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        z1, z2 = ctx.saved_tensors
+        if ctx.entry is None:
+            dz = ctx.dz
+        elif ctx.entry.owner is ctx.token:
+            dz = ctx.entry.dz
+        else:  # a later forward replayed this graph: its dz are not ours
+            _, dz = _loss_and_grads(z1, z2, *ctx.hparams)
+        # bf16 * fp32 0-dim: computed in fp32, rounded once to the gradient's dtype
+        return dz[0] * grad_loss, dz[1] * grad_loss, None, None, None, None
+
+
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
                       scale: float = 1.0, eps: float = 1e-5, method: str = "auto",
-                      group=None) -> torch.Tensor:
+                      group=None, cuda_graphs: bool = False) -> torch.Tensor:
     """Fused Barlow Twins loss; equals ``barlow_twins_loss_ref(z1, z2, lambd, scale, eps)``.
 
     Args:
@@ -1425,6 +1583,14 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
             is initialised. With more than one rank the loss is the single-process loss over the
             concatenation of every rank's batch (rank order), identical on every rank; every rank
             must pass the same N x D.
+        cuda_graphs: replay the whole op (forward and backward launchers, run together in the
+            forward) from a CUDA graph per input address, to cut the per-launch host cost at
+            small N (docs/performance.md). Used only on CUDA, single process, when both inputs
+            require grad; otherwise, and on the first call at an address, the launchers run
+            directly. The gradients are computed in the forward at grad_loss = 1 and multiplied
+            by grad_loss in the backward (exact for grad_loss = 1 or a power of two, otherwise
+            one extra rounding in the input dtype). Each graph keeps its buffers (at N=256,
+            D=8192, bf16: about 30 MiB) while it is cached (at most 8).
 
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs). Gradients reach z1 and z2 in their dtype.
@@ -1438,6 +1604,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     raises inside the kernels. Check ``torch.isfinite(loss)`` as for any loss.
     """
     _validate(z1, z2, lambd, scale, eps, method)
+    if cuda_graphs and _graphs_usable(z1, z2, group):
+        with _on_device(z1.device):
+            return _GraphedLossFn.apply(z1, z2, float(lambd), float(scale), float(eps), method)
     return _BarlowTwinsLossFn.apply(z1, z2, lambd, scale, eps, method, group)
 
 
@@ -1445,7 +1614,7 @@ class BarlowTwinsLoss(nn.Module):
     """``barlow_twins_loss`` as a module (hyper-parameters only, no weights)."""
 
     def __init__(self, lambd: float = 0.0051, scale: float = 1.0, eps: float = 1e-5,
-                 method: str = "auto", group=None):
+                 method: str = "auto", group=None, cuda_graphs: bool = False):
         super().__init__()
         _check_hparams(lambd, scale, eps, method)  # fail at construction, not at the first step
         self.lambd = lambd
@@ -1453,9 +1622,12 @@ class BarlowTwinsLoss(nn.Module):
         self.eps = eps
         self.method = method
         self.group = group
+        self.cuda_graphs = bool(cuda_graphs)
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-        return barlow_twins_loss(z1, z2, self.lambd, self.scale, self.eps, self.method, self.group)
+        return barlow_twins_loss(z1, z2, self.lambd, self.scale, self.eps, self.method, self.group,
+                                 cuda_graphs=self.cuda_graphs)
 
     def extra_repr(self) -> str:
-        return f"lambd={self.lambd}, scale={self.scale}, eps={self.eps}, method={self.method!r}"
+        return (f"lambd={self.lambd}, scale={self.scale}, eps={self.eps}, method={self.method!r}"
+                + (", cuda_graphs=True" if self.cuda_graphs else ""))

@@ -21,7 +21,7 @@
 #   maxbatch         python -m profiling maxbatch, the three modes, the compare settings
 #   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile,
 #                    host_floor: one empty launch each way, the host's cost per call;
-#                    fused_graph: the fused launchers replayed from CUDA graphs, a prototype)
+#                    fused_graph: the loss with cuda_graphs=True, replayed from CUDA graphs)
 #   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
 #   step_bench       one training step per mode (ResNet-50 224 px bf16, batch 128), peak memory
 #                    and energy per pair, torch and fused: a second, pytest-benchmark measurement
@@ -102,7 +102,8 @@ for part in $PARTS; do
         cuda_tests)
             guard cuda_tests 150 python -m pytest -q -p no:cacheprovider -x \
                 tests/test_expander_pool_kernel.py tests/test_barlow_twins.py \
-                tests/test_sqrt_pool.py tests/test_expander.py tests/test_trainer.py ;;
+                tests/test_sqrt_pool.py tests/test_expander.py tests/test_trainer.py \
+                tests/test_barlow_twins_graphs.py ;;  # last: -x stops at the first failure
         compare_default)
             guard compare_default 170 "${COMPARE[@]}" --out "$WORK/compare_default" ;;
         compare_split)

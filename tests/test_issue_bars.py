@@ -81,6 +81,15 @@ def test_cli(tmp_path, capsys):
     assert issue_bars.main(["--compare", str(path), "--bt-bench", H100_BT]) == 0
     out = capsys.readouterr().out
     assert out.count("BAR issue 3") == 5 and out.count("BAR [cmp] issue 4") == 3
+    # the graphed op's lines come too when the file has it
+    data = bench.load(H100_BT)
+    for b in [b for b in data["benchmarks"] if b["extra_info"]["provider"] == "fused_gram"]:
+        b["extra_info"]["provider"] = "fused_graph"
+    g = tmp_path / "bt.json"
+    g.write_text(json.dumps(data))
+    assert issue_bars.main(["--bt-bench", str(g)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fused_graph") == 5 and out.count("fused_auto") == 5
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert issue_bars.main(["--compare", str(bad)]) == 2

@@ -1432,7 +1432,9 @@ class _CudaGraphs:
     @staticmethod
     def capture(fn, z1, z2):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls (a loader's pin-memory thread) must not
+        # invalidate this capture, which records only this thread's launches
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = fn(z1, z2)
         return (lambda a, b: graph.replay()), out, graph
 
@@ -1455,7 +1457,7 @@ class _GraphCache:
     seen (the first call runs eagerly and compiles the kernels); at most ``max_graphs`` graphs
     are kept (least recently used dropped); after ``max_captures`` captures with fewer replays
     than captures the addresses evidently change every call, and graphs are switched off for
-    the process with one warning."""
+    the process with one warning, as they are when a capture fails."""
 
     def __init__(self, max_graphs: int = 8, max_captures: int = 32):
         self.max_graphs, self.max_captures = max_graphs, max_captures
@@ -1488,20 +1490,26 @@ class _GraphCache:
 
     def capture(self, key: tuple, fn, z1, z2) -> Optional[_Captured]:
         if self.captures >= self.max_captures and self.replays < self.captures:
-            self.disabled = (f"{self.captures} graphs captured but only {self.replays} replayed: "
-                             "the inputs' addresses change from call to call")
-            import warnings
-            warnings.warn(f"{_OP}(cuda_graphs=True): CUDA graphs switched off, {self.disabled}; "
-                          "running the launchers directly", RuntimeWarning, stacklevel=4)
-            self.graphs.clear()
-            return None
-        replay, (loss, dz), graph = self.backend.capture(fn, z1, z2)
+            return self._switch_off(f"{self.captures} graphs captured but only {self.replays} "
+                                    "replayed: the inputs' addresses change from call to call")
+        try:
+            replay, (loss, dz), graph = self.backend.capture(fn, z1, z2)
+        except Exception as e:  # e.g. an op that cannot be captured: run directly from now on
+            return self._switch_off(f"capture failed ({type(e).__name__}: {e})")
         self.captures += 1
         entry = _Captured(replay, loss, (dz[0], dz[1]), graph)
         self.graphs[key] = entry
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)
         return entry
+
+    def _switch_off(self, why: str) -> None:
+        import warnings
+        self.disabled = why
+        self.graphs.clear()
+        warnings.warn(f"{_OP}(cuda_graphs=True): CUDA graphs switched off for this process, "
+                      f"{why}; running the launchers directly", RuntimeWarning, stacklevel=5)
+        return None
 
 
 _GRAPHS = _GraphCache()

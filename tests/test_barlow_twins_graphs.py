@@ -178,6 +178,25 @@ def test_cache_bounds_and_switches_off_when_addresses_change():
     assert not cache.want_capture(("k", 4)) and not cache.graphs
 
 
+def test_a_failed_capture_switches_graphs_off(fake, device):
+    if device.type == "cuda":
+        pytest.skip("fake backend: CPU only")
+
+    def broken(fn, z1, z2):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    fake.backend.capture = broken
+    z1, z2 = _views()
+    want = _plain(z1, z2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            got = _graphed(z1, z2)
+            assert all(torch.equal(g, x) for g, x in zip(got, want))
+    assert len(w) == 1 and "capture failed (RuntimeError: operation not permitted" in str(w[0].message)
+    assert fake.disabled and not fake.graphs
+
+
 def test_module_and_real_backend_on_cpu(device):
     m = BarlowTwinsLoss(lambd=0.02, cuda_graphs=True)
     assert "cuda_graphs=True" in repr(m)

@@ -116,13 +116,14 @@ the backward's K operand a and of the forward's operand b (about 1e-3 each befor
 own rounding, in a float64 simulation).
 
 Default precision for 16-bit inputs (``grad_precision=None``): up to 256 rows of the global
-batch the op runs as for fp32 inputs ("fp32": a, b and G in fp32, IEEE dots, the gradient
-rounded once to the input dtype at its store). There the op is launch bound (0.06 ms of GPU time
-under ~0.8 ms of host time at N=256 on the H100 VM, docs/performance.md), so the slower fp32
-dots should cost no wall time (not yet measured on a GPU), and the gradient is as accurate as its
-own rounding: under the interpreter, N=256, D=8192, correlation 0.9, bf16: gradient error
-1.659e-3 for both methods against 1.659e-3 for the bf16 rounding of the exact gradient, loss
-error 1.3e-8. Above 256 rows the default is "input" (the 16-bit GEMMs above).
+batch the op runs with fp32 operands ("fp32": a, b and G in fp32, 3xTF32 dots on the GPU
+(``_FP32_MODE_DOTS``; IEEE fp32 under the interpreter), the gradient rounded once to the input
+dtype at its store). There the op is launch bound (0.06 ms of GPU time under ~0.8 ms of host
+time at N=256 on the H100 VM, docs/performance.md), so the slower fp32 dots should cost no wall
+time (not yet measured on a GPU), and the gradient is as accurate as its own rounding: under the
+interpreter, N=256, D=8192, correlation 0.9, bf16: gradient error 1.659e-3 for both methods
+against 1.659e-3 for the bf16 rounding of the exact gradient, loss error 1.3e-8. Above 256 rows
+the default is "input" (the 16-bit GEMMs above).
 
 The cross backward multiplies m(C) in fp32 with an fp32 BN(z) (IEEE dots): tf32 there was
 measured at 3.6x the fp16 reference's error (IEEE made the cross method about 6x slower at
@@ -750,6 +751,14 @@ _STATS_BLOCK_D = 64
 _STATS_WRITE_MAX_ROWS = 512     # up to here the stats kernel also writes a, b (one launch less)
 _FINAL_MAX_ROWS = 256           # up to here the Gram backward is one kernel
 _FP32_MAX_ROWS = 256            # 16-bit inputs, default grad_precision: fp32 operands up to here
+# Dots of that "fp32" mode: "tf32x3" (each fp32 operand split into a tf32 high part and a tf32
+# remainder, three tensor-core products, about 2^-21 relative error per product, far below the
+# gradient's own bf16/fp16 rounding of 2^-9) instead of IEEE FMA dots, which run on the CUDA
+# cores at a fraction of the tensor-core rate. Chosen for GPU time, which the op's CUDA-graph
+# path exposes once host launches are gone; not yet measured on a GPU. Triton's interpreter
+# ignores input_precision (it multiplies in fp32), so CPU figures are those of IEEE dots.
+# fp32 *inputs* keep IEEE dots, as torch's own fp32 matmul does by default.
+_FP32_MODE_DOTS = "tf32x3"
 # Gram: G stored with a zero diagonal, the diagonal kept in fp32 and applied to the fp32 BN(z) in
 # the backward epilogue (module docstring, Numerics). False only to measure the old numerics.
 _SPLIT_DIAG = True
@@ -789,9 +798,10 @@ def _precision(dtype: torch.dtype, grad_precision: Optional[str] = None) -> _Pre
                           False, tl.float32, False, False, torch.float32, torch.float32)
     bf16_interp = INTERPRETER and dtype == torch.bfloat16
     grad_precision = grad_precision or "input"
-    if grad_precision == "fp32":  # 16-bit inputs, fp32 operands and IEEE dots end to end
-        return _Precision(tl.float32, tl.float32, "ieee", torch.float32, False, tl.float32, "ieee",
-                          False, tl.float32, False, bf16_interp, torch.float32, torch.float32)
+    if grad_precision == "fp32":  # 16-bit inputs, fp32 operands end to end, 3xTF32 dots
+        return _Precision(tl.float32, tl.float32, _FP32_MODE_DOTS, torch.float32, False,
+                          tl.float32, _FP32_MODE_DOTS, False, tl.float32, False, bf16_interp,
+                          torch.float32, torch.float32)
     if grad_precision == "input":  # G stored in the input dtype: a plain 16-bit GEMM backward
         gstore, gop, gprec, gup = dtype, _TL_DTYPE[dtype], "tf32", bf16_interp
     elif grad_precision == "tf32":  # G in fp32, the normalised operand upcast, tf32 dots
@@ -1133,7 +1143,7 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     grad_precision (16-bit inputs only): "input" stores G_a, G_b in the input dtype and runs the
     backward Gram dots on 16-bit operands; "tf32" stores them in fp32 and runs tf32 dots (more
     accurate when the views are strongly correlated, slower: docs/performance.md); "fp32" makes
-    a, b and G fp32 and every dot IEEE fp32, as for fp32 inputs (the gradient is then as accurate
+    a, b and G fp32 and every dot 3xTF32 (``_FP32_MODE_DOTS``; the gradient is then as accurate
     as its own rounding to the input dtype; several times the GPU time of the 16-bit dots).
     None (default): "fp32" up to _FP32_MAX_ROWS (256) rows of the global batch, where the op
     is launch bound and the fp32 dots cost no wall time, "input" above.

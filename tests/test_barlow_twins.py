@@ -294,13 +294,15 @@ def test_gram_diagonal_stored_apart(n, d, dtype, monkeypatch, device):
 
 
 def test_default_is_fp32_operands_for_small_16bit_batches(device):
-    """16-bit inputs, default grad_precision: up to 256 rows a, b and G are fp32 and the dots IEEE
-    (launch bound there: no wall-time cost), so even strongly correlated views get a gradient as
-    accurate as its own bf16 rounding; above 256 rows the 16-bit operands ("input")."""
+    """16-bit inputs, default grad_precision: up to 256 rows a, b and G are fp32 and the dots
+    3xTF32 on the GPU, IEEE under the interpreter (launch bound there: no wall-time cost), so even
+    strongly correlated views get a gradient as accurate as its own bf16 rounding (on CUDA this
+    bound checks the 3xTF32 dots); above 256 rows the 16-bit operands ("input")."""
     views = _Correlated(64, 1024, device)
     for method in ("gram", "cross"):
         loss_err, err, st, (d1, d2) = views.run(method)
         assert st.pr.operand == torch.float32, method
+        assert st.pr.prec == st.pr.gprec == "tf32x3", method
         assert d1.dtype == d2.dtype == torch.bfloat16
         assert err <= 1.05, f"{method}: {err:.3f}x the bf16 rounding"
         assert loss_err < 1e-5, method

@@ -109,6 +109,9 @@ class Config:
     fused: bool = _f(False, "Triton kernels for the loss and square-root pooling "
                      "(kernels.barlow_twins_loss / sqrt_pool2d); without CUDA: a warning and the "
                      "PyTorch references")
+    loss_cuda_graphs: bool = _f(False, "with --fused on CUDA, single process: replay the Barlow "
+                                "Twins loss from CUDA graphs (kernels.barlow_twins_loss("
+                                "cuda_graphs=True): less host time per call, the same values)")
     # ---- data
     dataset: str = _f("digits", "digits (embedded, default), cifar10, imagefolder, or synthetic")
     data_dir: Optional[str] = _f(None, "dataset directory (cifar10, imagefolder)")
@@ -260,6 +263,8 @@ class Config:
                                      f"(mode is {self.mode!r})")
         if self.steps_per_block is not None:
             _positive("steps_per_block", self.steps_per_block)
+        if self.loss_cuda_graphs and not self.fused:
+            raise ValueError("--loss-cuda-graphs replays the fused loss: add --fused")
         self.block_epoch_list()  # validates block_epochs
         if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} needs --data-dir")
@@ -387,7 +392,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 #: settings a resumed run may change (they do not alter the training trajectory)
 RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
                   "probe_batch_size", "probe_control", "profile", "profile_warmup", "profile_phases",
-                  "checkpoint", "activation_checkpointing",  # exact: the same trajectory
+                  "checkpoint", "activation_checkpointing", "loss_cuda_graphs",  # exact
                   "out", "resume")
 
 

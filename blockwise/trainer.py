@@ -133,14 +133,17 @@ class BarlowTwinsLoss:
     gradients: factor W built in, ``grad_factor`` 1).
     """
 
-    def __init__(self, lambd: float, scale: float, fused: bool, world_size: int = 1):
+    def __init__(self, lambd: float, scale: float, fused: bool, world_size: int = 1,
+                 cuda_graphs: bool = False):
         self.lambd, self.scale, self.world_size = lambd, scale, world_size
         self.use_kernel = bool(fused)
+        self.cuda_graphs = bool(cuda_graphs)  # used by the kernel on CUDA, single process only
         self.grad_factor = float(world_size) if self.use_kernel else 1.0
 
     def __call__(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         if self.use_kernel:
-            return kernels.barlow_twins_loss(z1, z2, lambd=self.lambd, scale=self.scale)
+            return kernels.barlow_twins_loss(z1, z2, lambd=self.lambd, scale=self.scale,
+                                             cuda_graphs=self.cuda_graphs)
         if self.world_size > 1:
             from torch.distributed.nn.functional import all_gather
             z1 = torch.cat(all_gather(z1.contiguous()))
@@ -348,7 +351,8 @@ class Trainer:
                              "needs batch statistics: at least 2 per process")
         self.prof = Profiler(self.device, enabled=cfg.profile)
         self.windows = _Windows(self.prof, cfg.profile_phases)
-        self.loss_fn = BarlowTwinsLoss(cfg.lambd, cfg.loss_scale, self.fused, world)
+        self.loss_fn = BarlowTwinsLoss(cfg.lambd, cfg.loss_scale, self.fused, world,
+                                       cuda_graphs=cfg.loss_cuda_graphs)
 
         # ---- data
         self.bundle = bundle if bundle is not None else data.build_datasets(

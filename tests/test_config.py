@@ -54,6 +54,7 @@ def test_optimizer_defaults_and_warmup():
     (dict(steps_per_block=3), "applies to --mode sequential only"),
     (dict(mode="sequential", steps_per_block=0), "--steps-per-block must be > 0"),
     (dict(precision="fp16"), "unknown precision 'fp16'; valid: auto, bf16, fp32"),
+    (dict(loss_cuda_graphs=True), "--loss-cuda-graphs replays the fused loss: add --fused"),
 ])
 def test_validation(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -431,3 +431,47 @@ def test_activation_checkpointing_on_cuda_lowers_the_peak_with_the_same_gradient
     for k in grads[0]:
         for a, b in zip(grads[0][k], grads[1][k]):
             torch.testing.assert_close(b, a, rtol=5e-2, atol=1e-3)
+
+
+def test_loss_cuda_graphs_reaches_the_kernel(monkeypatch):
+    """--loss-cuda-graphs is passed to kernels.barlow_twins_loss (which uses it on CUDA only)."""
+    import kernels
+    from blockwise.trainer import BarlowTwinsLoss
+
+    seen = []
+    monkeypatch.setattr(kernels, "barlow_twins_loss", lambda z1, z2, **kw: seen.append(kw))
+    z = torch.randn(4, 8)
+    BarlowTwinsLoss(0.01, 0.1, fused=True, cuda_graphs=True)(z, z)
+    BarlowTwinsLoss(0.01, 0.1, fused=True)(z, z)
+    assert [kw["cuda_graphs"] for kw in seen] == [True, False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_loss_cuda_graphs_same_trajectory_on_cuda(tmp_path):
+    """Simultaneous mode, four heads: the graphed loss (captured at step 2, replayed after)
+    gives the same gradients as the launchers called directly."""
+    import kernels.barlow_twins as bt
+
+    kw = dict(device="cuda", image_size=32, batch_size=32, synthetic_size=64, fused=True,
+              projector="256-256")
+    grads = []
+    for graphs in (False, True):
+        bt._GRAPHS.clear()
+        tr = make(tmp_path / str(graphs), loss_cuda_graphs=graphs, **kw)
+        g = _grads_at_steps(tr)
+        torch.manual_seed(0)
+        steps = []
+        for _ in range(4):
+            x1, x2 = torch.randn(2, 32, 3, 32, 32, device="cuda").unbind(0)
+            x1, x2 = (x.contiguous(memory_format=torch.channels_last) for x in (x1, x2))
+            tr.train_step(x1, x2, lr=0.1)
+            steps.append({k: [t.clone() for t in v] for k, v in g.items()})
+        grads.append(steps)
+        if graphs:
+            assert bt._GRAPHS.replays > 0, "no graph was replayed"
+        del tr
+    bt._GRAPHS.clear()
+    for step_a, step_b in zip(*grads):
+        for k in step_a:
+            for a, b in zip(step_a[k], step_b[k]):
+                torch.testing.assert_close(b, a, rtol=5e-2, atol=1e-3)  # cudnn may differ

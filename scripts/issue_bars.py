@@ -107,6 +107,12 @@ def bt_bars(data: Dict[str, Any], path: str, provider: str = "fused_auto") -> Li
         else:
             out.append(f"BAR issue 3: N={n} {provider} peak {pf:.1f} MiB = {pf / pc:.3f}x "
                        f"torch_compile's {pc:.1f} (<= 0.25): {_verdict(pf / pc <= 0.25)}")
+        like = got.get("torch_compile_graphs")
+        if provider == "fused_graph" and like is not None:
+            out.append(f"BAR issue 3: N={n} fused_graph "
+                       f"{like['stats']['median'] / f['stats']['median']:.2f}x faster than "
+                       "torch_compile_graphs (mode reduce-overhead: graphs on both sides; "
+                       "for reading the line above, not a bar)")
         floor = got.get("host_floor")
         if floor is not None and n == 256:
             fl = floor["stats"]["median"]

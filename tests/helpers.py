@@ -47,13 +47,14 @@ TINY_TRAIN_ARGS = ["--dataset", "synthetic", "--image-size", "8", "--synthetic-s
                    "--epochs", "1", "--workers", "0", "--device", "cpu", "--log-interval", "1"]
 
 
-def compile_static(fn, recompile_limit: int):
-    """torch.compile(fn, dynamic=False) with room for one compile per benchmarked shape."""
+def compile_static(fn, recompile_limit: int, mode=None):
+    """torch.compile(fn, dynamic=False, mode=mode) with room for one compile per benchmarked
+    shape (mode "reduce-overhead": inductor's code replayed from CUDA graphs)."""
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), recompile_limit))
-    return torch.compile(fn, dynamic=False)
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------

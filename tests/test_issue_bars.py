@@ -90,6 +90,13 @@ def test_cli(tmp_path, capsys):
     assert issue_bars.main(["--bt-bench", str(g)]) == 0
     out = capsys.readouterr().out
     assert out.count("fused_graph") == 5 and out.count("fused_auto") == 5
+    # with compile's graphed mode in the file, the like-for-like ratio is printed (not a bar)
+    for b in [b for b in data["benchmarks"] if b["extra_info"]["provider"] == "torch"]:
+        b["extra_info"]["provider"] = "torch_compile_graphs"
+    g.write_text(json.dumps(data))
+    assert issue_bars.main(["--bt-bench", str(g)]) == 0
+    like = [x for x in capsys.readouterr().out.splitlines() if "torch_compile_graphs" in x]
+    assert len(like) == 3 and all(x.endswith("not a bar)") for x in like)
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     assert issue_bars.main(["--compare", str(bad)]) == 2

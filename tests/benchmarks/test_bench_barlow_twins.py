@@ -19,7 +19,9 @@ call (Python, autograd, launch, synchronize): the floor under the speed bar at s
 
 ``fused_graph`` is ``barlow_twins_loss(..., cuda_graphs=True)``: the same launchers replayed from
 one CUDA graph per input address (captured at an address's second call, so its warm-up covers
-every input set twice). Its peak counts the graphs' resident memory (one per input set: 4) too.
+every input set twice). ``torch_compile_graphs`` is its like-for-like baseline: torch.compile of
+the reference with mode="reduce-overhead" (inductor's kernels replayed from CUDA graphs). The
+peaks of both count the graphs' resident memory too (fused_graph: one graph per input set, 4).
 """
 import pytest
 import torch
@@ -36,7 +38,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 D = 8192
 BATCHES = [256, 1024, 2048]
 PROVIDERS = ["fused_auto", "fused_gram", "fused_cross", "torch", "torch_compile", "host_floor",
-             "fused_graph"]
+             "fused_graph", "torch_compile_graphs"]
+GRAPHED = ("fused_graph", "torch_compile_graphs")  # replayed from CUDA graphs
 ROUNDS = 20
 SETS = 4
 
@@ -49,10 +52,10 @@ def _ref_autocast(z1, z2):
         return barlow_twins_loss_ref(z1, z2)
 
 
-def _ref_compiled():
-    if "fn" not in _compiled:
-        _compiled["fn"] = compile_static(_ref_autocast, recompile_limit=16)
-    return _compiled["fn"]
+def _ref_compiled(mode=None):
+    if mode not in _compiled:
+        _compiled[mode] = compile_static(_ref_autocast, recompile_limit=16, mode=mode)
+    return _compiled[mode]
 
 
 @triton.jit
@@ -88,6 +91,8 @@ def _loss_fn(provider):
     if provider.startswith("fused_"):
         method = provider.split("_", 1)[1]
         return lambda z1, z2: barlow_twins_loss(z1, z2, method=method)
+    if provider == "torch_compile_graphs":
+        return _ref_compiled("reduce-overhead")
     return _ref_compiled() if provider == "torch_compile" else _ref_autocast
 
 
@@ -120,12 +125,13 @@ def test_bench_barlow_twins(benchmark, n, provider, rates):
         torch.cuda.synchronize()
         return grads
 
-    for _ in range(3 if provider != "fused_graph" else 2 * SETS + 1):
+    for _ in range(3 if provider not in GRAPHED else 2 * SETS + 1):
         run()  # compile (Triton / inductor) and capture the graphs outside the timing
     peak = peak_extra_mib(run)
-    if provider == "fused_graph":
+    if provider in GRAPHED:
         # the graphs' memory pools stay allocated between calls: count them
         peak += (torch.cuda.memory_allocated() - resident0) / 2**20
+    if provider == "fused_graph":
         want = torch.autograd.grad(barlow_twins_loss(z1, z2), (z1, z2))
         got = torch.autograd.grad(fn(z1, z2), (z1, z2))
         assert max(rel_err(g, w) for g, w in zip(got, want)) < 1e-5  # the same kernels

@@ -475,3 +475,34 @@ def test_loss_cuda_graphs_same_trajectory_on_cuda(tmp_path):
         for k in step_a:
             for a, b in zip(step_a[k], step_b[k]):
                 torch.testing.assert_close(b, a, rtol=5e-2, atol=1e-3)  # cudnn may differ
+
+
+@pytest.mark.parametrize("mode", ["sequential", "simultaneous"])
+def test_split_views_releases_the_last_blocks_view1_output(tmp_path, mode):
+    """--split-views: the last block a step trains keeps no output for a next block, so view
+    1's block output is freed before view 2's pass (in sequential mode that is the block being
+    trained, at block 1 the largest map of the step); earlier blocks' outputs are kept."""
+    kw = dict(steps_per_block=2) if mode == "sequential" else {}
+    tr = make(tmp_path, mode=mode, split_views=True, **kw)
+    last = 0 if mode == "sequential" else 3
+    seen = {}  # stage -> [(weakref to the returned block output, grad enabled)]
+    alive_at_view2 = {}
+
+    def pre(stage, args):
+        calls = seen.setdefault(stage.index, [])
+        if torch.is_grad_enabled() and len(calls) == 2:  # view 2 with a graph
+            alive_at_view2[stage.index] = calls[1][0]() is not None
+
+    def post(stage, args, out):
+        seen.setdefault(stage.index, []).append((weakref.ref(out[0]), torch.is_grad_enabled()))
+
+    for st in tr.stages:
+        if st is not None:  # sequential: the current block's stage only
+            st.register_forward_pre_hook(pre)
+            st.register_forward_hook(post)
+    x1, x2 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    tr.train_step(x1, x2, lr=0.1)
+    assert [g for _, g in seen[last]] == [False, True, True]  # no-graph view 2, view 1, view 2
+    assert alive_at_view2[last] is False
+    if mode == "simultaneous":
+        assert all(alive_at_view2[k] for k in range(3))  # they feed the next block

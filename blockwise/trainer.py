@@ -681,7 +681,10 @@ class Trainer:
 
         On CUDA the next batch is copied on a side stream while the current step computes (the
         loader's pinned buffers make the copy asynchronous); the compute stream waits for it only
-        when it uses the batch.
+        when it uses the batch. Under bf16 autocast the images are converted to bf16 on arrival:
+        the first convolution would cast them anyway (the same values), and the current and the
+        prefetched batch then hold half the bytes (ResNet-50 at 224 px, batch 256: 294 MiB less
+        at every mode's peak).
         """
         self.sampler.set_position(self.state.epoch, self.state.batch)
         it = iter(self.loader)
@@ -698,8 +701,11 @@ class Trainer:
             self.sample_time_s += float(seconds.sum())
             self.samples += len(seconds)
             with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
-                return [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-                        for x in (x1, x2)]
+                out = [x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+                       for x in (x1, x2)]
+                if self.amp_dtype is not None:
+                    out = [x.to(self.amp_dtype) for x in out]
+                return out
 
         nxt = fetch()
         while nxt is not None:

@@ -506,3 +506,24 @@ def test_split_views_releases_the_last_blocks_view1_output(tmp_path, mode):
     assert alive_at_view2[last] is False
     if mode == "simultaneous":
         assert all(alive_at_view2[k] for k in range(3))  # they feed the next block
+
+
+@pytest.mark.parametrize("mode", ["e2e", "simultaneous", "sequential"])
+def test_bf16_autocast_batches_arrive_in_bf16(tmp_path, mode, monkeypatch):
+    """Under bf16 autocast the loader's images are converted to bf16 on arrival (the first
+    convolution casts them anyway): every step gets bf16 inputs and trains, in every mode."""
+    kw = dict(steps_per_block=1) if mode == "sequential" else dict(max_steps=2)
+    tr = make(tmp_path, mode=mode, precision="bf16", **kw)
+    seen = []
+    orig = tr.train_step
+
+    def spy(x1, x2, lr, b=0):
+        seen.append((x1.dtype, x2.dtype))
+        return orig(x1, x2, lr, b)
+
+    monkeypatch.setattr(tr, "train_step", spy)
+    before = params_of(tr.blocks)
+    tr.fit()
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    after = params_of(tr.blocks)
+    assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -11,8 +11,10 @@ small batches:
   - flops: torch.utils.flop_counter over one step (sequential: the four blocks' steps) at each
     batch, fitted the same way (some work does not grow with the batch) and given per pair at
     --target-batch.
-The prediction at --target-batch is resident + intercept + slope * target. Sequential is
-measured at its block 1 (the largest activations; its peak in every GPU run so far).
+The prediction at --target-batch is resident + inputs + intercept + slope * target, where inputs
+are the images of the current and the prefetched batch (two views each) in the dtype the trainer
+delivers them (bf16 under bf16 autocast). Sequential is measured at its block 1 (the largest
+activations; its peak in every GPU run so far).
 
     python scripts/cpu_memory_model.py --arch resnet50 --image-size 224 \\
         --projector 8192-8192-8192 --batches 16,32 --target-batch 256 [-- trainer flags]
@@ -55,7 +57,9 @@ def measure(mode: str, batch: int, args, flags: dict):
         return Trainer(config_mod.Config(**values), values["out"], log=lambda line: None)
 
     tr = trainer()
-    x1, x2 = torch.randn(2, batch, 3, args.image_size, args.image_size).unbind(0)
+    # as the trainer's loader delivers them (bf16 under bf16 autocast, Trainer._batches)
+    x1, x2 = torch.randn(2, batch, 3, args.image_size, args.image_size,
+                         dtype=tr.amp_dtype or torch.float32).unbind(0)
     flops = 0  # the first step (which also creates the optimizer state), counted
     for b in range(4 if mode == "sequential" else 1):
         if b:
@@ -122,24 +126,29 @@ def main(argv=None) -> int:
         peaks = [p for p, _, _ in points]
         slope, intercept = _fit(batches, peaks)
         resident = points[0][1]
-        predicted = resident + intercept + slope * a.target_batch
+        # the images of the current and the prefetched batch, two views each, as delivered
+        # (created before the step, so the meter does not count them; a GPU run holds them)
+        itemsize = 2 if flags.get("precision", "bf16") == "bf16" else 4
+        inputs = 4 * a.target_batch * 3 * a.image_size ** 2 * itemsize
+        predicted = resident + inputs + intercept + slope * a.target_batch
         # flops per step = fixed + per pair * batch (e.g. an expander's Cout x Cin x Cin
         # statistics product does not grow with the batch): per pair at the target batch
         f_slope, f_fixed = _fit(batches, [f for _, _, f in points])
         gflop = (f_fixed / a.target_batch + f_slope) / 1e9
-        rows.append((mode, peaks, slope, resident, predicted, gflop))
+        rows.append((mode, peaks, slope, resident, inputs, predicted, gflop))
         print(f"  {mode}: measured in {time.time() - t0:.0f} s", flush=True)
     base = next((r for r in rows if r[0] == "e2e"), None)
     print(f"\n| mode | fwd+bwd peak at {', '.join(map(str, batches))} pairs (GiB) | MiB per pair "
-          f"| parameters + optimizer state (GiB) | predicted peak at {a.target_batch} (GiB) | "
-          f"x e2e | GFLOP/pair at {a.target_batch} | x e2e |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for mode, peaks, slope, resident, predicted, gflop in rows:
-        ratio = f"{predicted / base[4]:.2f}x" if base else "n/a"
-        fratio = f"{gflop / base[5]:.3f}x" if base else "n/a"
+          f"| parameters + optimizer state (GiB) | input images, current + next batch (GiB) | "
+          f"predicted peak at {a.target_batch} (GiB) | x e2e | GFLOP/pair at {a.target_batch} "
+          f"| x e2e |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for mode, peaks, slope, resident, inputs, predicted, gflop in rows:
+        ratio = f"{predicted / base[5]:.2f}x" if base else "n/a"
+        fratio = f"{gflop / base[6]:.3f}x" if base else "n/a"
         print(f"| {mode} | {' / '.join(f'{p / GIB:.3f}' for p in peaks)} | "
-              f"{slope / (1 << 20):.1f} | {resident / GIB:.2f} | {predicted / GIB:.2f} | {ratio} "
-              f"| {gflop:.1f} | {fratio} |")
+              f"{slope / (1 << 20):.1f} | {resident / GIB:.2f} | {inputs / GIB:.2f} | "
+              f"{predicted / GIB:.2f} | {ratio} | {gflop:.1f} | {fratio} |")
     return 0
 
 

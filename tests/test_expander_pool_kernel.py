@@ -292,3 +292,39 @@ def test_nan_in_h_as_reference(device, pool):
     dh = kernels.expander_pool_bwd(h.clone(), mu, rstd, gamma, beta, wsc, None, None, hw, pool)
     want = kernels.expander_pool_bwd_ref(h, mu, rstd, gamma, beta, wsc, None, None, hw, pool)
     assert torch.equal(dh.isnan(), want.isnan())
+
+
+@pytest.mark.parametrize("pool", ["avg", "sqrt"])
+def test_reference_path_holds_few_map_sized_buffers(pool):
+    """The PyTorch path (ExpanderPool without Triton) works in place on fresh buffers: at most
+    about three fp32 map-sized buffers in the forward and two in the backward (the plain
+    expressions held five and six: 1.5 GiB per chunk at block 1 of a ResNet-50), and h is left
+    as it was."""
+    from profiling.tensor_bytes import TensorBytesMeter
+
+    m, hw, c = 4, 196, 256
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(m * hw, c, generator=g).to(torch.bfloat16)
+    mu, rstd = torch.randn(c, generator=g) * 0.1, torch.rand(c, generator=g) + 0.5
+    gamma, beta = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    wsc, c0, c1 = torch.randn(m, c, generator=g), torch.randn(c, generator=g), torch.randn(c, generator=g)
+    h0 = h.clone()
+    fp32_map = m * hw * c * 4
+    with TensorBytesMeter() as fwd:
+        out = kernels.expander_pool_fwd_ref(h, mu, rstd, gamma, beta, hw, pool)
+    with TensorBytesMeter() as bwd:
+        dh = kernels.expander_pool_bwd_ref(h, mu, rstd, gamma, beta, wsc, c0, c1, hw, pool)
+    assert fwd.peak <= 3.3 * fp32_map and bwd.peak <= 2.3 * fp32_map, (fwd.peak, bwd.peak)
+    assert torch.equal(h, h0)
+    # the plain expressions, evaluated here, give the same bits
+    hh = (h.float().view(m, hw, c) - mu) * rstd
+    a = hh * gamma + beta
+    wg = wsc[:, None, :] * gamma
+    dhhat = (a > 0).float() * wg if pool == "avg" else a.clamp_min(0) * wg
+    assert torch.equal(dh, ((dhhat - c0 - hh * c1) * rstd).reshape(m * hw, c))
+    y = a.clamp_min(0)
+    if pool == "avg":
+        mask = (a > 0).float()
+        assert torch.equal(out[1], mask.sum(1)) and torch.equal(out[2], (hh * mask).sum(1))
+    else:
+        assert torch.equal(out[1], y.sum(1)) and torch.equal(out[2], (y * hh).sum(1))

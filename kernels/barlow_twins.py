@@ -1435,17 +1435,37 @@ class _CudaGraphs:
     for backends that cannot read by address: the CPU tests' fake). Holds no reference to the
     inputs, so that later tensors at the same addresses can match."""
 
+    def __init__(self):
+        self.streams: Dict[torch.device, torch.cuda.Stream] = {}
+
     @staticmethod
     def usable(z: torch.Tensor) -> bool:
         return z.is_cuda and not torch.cuda.is_current_stream_capturing()
 
-    @staticmethod
-    def capture(fn, z1, z2):
+    def capture(self, fn, z1, z2):
+        """CUDAGraph.capture_begin / capture_end on a side stream, not ``torch.cuda.graph``:
+        that context synchronises the device and empties the caching allocator's cache, which
+        in the middle of a training step would move later tensors (the next steps' z among
+        them) to new addresses, where no graph would match."""
+        dev = z1.device
+        cur = torch.cuda.current_stream(dev)
+        side = self.streams.get(dev)
+        if side is None:
+            side = self.streams[dev] = torch.cuda.Stream(dev)
+        side.wait_stream(cur)  # the inputs are ready before anything captured would read them
         graph = torch.cuda.CUDAGraph()
-        # thread_local: another thread's CUDA calls (a loader's pin-memory thread) must not
-        # invalidate this capture, which records only this thread's launches
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            out = fn(z1, z2)
+        with torch.cuda.stream(side):
+            # thread_local: another thread's CUDA calls (a loader's pin-memory thread) must not
+            # invalidate this capture, which records only this thread's launches
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                out = fn(z1, z2)
+            finally:
+                graph.capture_end()
+        cur.wait_stream(side)
+        loss, dz = out
+        for t in (loss, *dz):  # read on the current stream after each replay
+            t.record_stream(cur)
         return (lambda a, b: graph.replay()), out, graph
 
 

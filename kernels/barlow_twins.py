@@ -927,12 +927,21 @@ def _empty(shape, device, dtype) -> torch.Tensor:
 
 
 _STAGE_CAP: Dict[object, int] = {}
+#: set (with the reason) when a 3xTF32 dot did not compile here: IEEE dots from then on
+_TF32X3_FAILED: Dict[str, str] = {}
 
 
 def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) -> None:
     """Launch, stepping num_stages down (and remembering the cap for this kernel) if the compiled
     kernel needs more shared memory than the device has. Tile sizes, hence grids and buffers,
-    never change. Kept cheap: at N=256 the whole op is a few launches long."""
+    never change. Kept cheap: at N=256 the whole op is a few launches long.
+
+    A kernel whose dots are 3xTF32 (``_FP32_MODE_DOTS``) that this Triton or GPU cannot compile
+    is run with IEEE fp32 dots instead, for the rest of the process, with one warning: slower,
+    as accurate (compile_check.py compiles it for sm_90 with the Triton of CI; a GPU with
+    another Triton must not lose the op over it)."""
+    if constexprs.get("PREC") == "tf32x3" and _TF32X3_FAILED:
+        constexprs["PREC"] = "ieee"
     stages = min(num_stages, _STAGE_CAP.get(kernel, num_stages))
     while True:
         try:
@@ -943,6 +952,15 @@ def _launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs) 
                 raise
             stages -= 1
             _STAGE_CAP[kernel] = stages
+        except Exception as e:  # noqa: BLE001 - only a 3xTF32 compile failure is handled
+            if constexprs.get("PREC") != "tf32x3":
+                raise
+            import warnings
+            _TF32X3_FAILED["reason"] = f"{type(e).__name__}: {str(e)[:300]}"
+            warnings.warn(f"{_OP}: 3xTF32 dots did not compile here ({_TF32X3_FAILED['reason']});"
+                          " using IEEE fp32 dots instead (slower, as accurate)", RuntimeWarning,
+                          stacklevel=3)
+            constexprs["PREC"] = "ieee"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -594,3 +594,32 @@ def test_cpu_tensor_without_interpreter_in_a_fresh_process():
     assert out.count("ValueError: barlow_twins_loss: got a CPU tensor") == 2, out
     assert "TRITON_INTERPRET=1" in out and "barlow_twins_loss_ref" in out, out
     assert "ref finite True" in out, out
+
+
+def test_tf32x3_compile_failure_falls_back_to_ieee_dots(monkeypatch):
+    """A Triton or GPU that cannot compile the 3xTF32 dots of the small-batch fp32 mode gets
+    IEEE fp32 dots for the rest of the process, with one warning; other errors still raise."""
+    monkeypatch.setattr(bt, "_TF32X3_FAILED", {})
+    calls = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                calls.append(kw["PREC"])
+                if kw["PREC"] == "tf32x3":
+                    raise RuntimeError("PassManager::run failed")
+            return run
+
+    with pytest.warns(RuntimeWarning, match="3xTF32 dots did not compile here"):
+        bt._launch(Kernel(), (1,), num_warps=4, num_stages=1, PREC="tf32x3")
+    bt._launch(Kernel(), (1,), num_warps=4, num_stages=1, PREC="tf32x3")  # no second attempt
+    assert calls == ["tf32x3", "ieee", "ieee"]
+
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                raise ValueError("a bug, not a precision")
+            return run
+
+    with pytest.raises(ValueError, match="a bug"):
+        bt._launch(Broken(), (1,), num_warps=4, num_stages=1, PREC="ieee")

@@ -23,6 +23,8 @@
 #                    host_floor: one empty launch each way, the host's cost per call;
 #                    fused_graph: the loss with cuda_graphs=True, replayed from CUDA graphs;
 #                    torch_compile_graphs: torch.compile mode="reduce-overhead", its baseline)
+#   bt_accuracy      the Barlow Twins loss against float64 at D=8192, bf16, N 256/1024/2048,
+#                    random and correlated views: issue 3's accuracy line, PASS/MISS per row
 #   expander_bench   the ExpanderPool benchmark (fused kernels vs torch path vs the plain head)
 #   step_bench       one training step per mode (ResNet-50 224 px bf16, batch 128), peak memory
 #                    and energy per pair, torch and fused: a second, pytest-benchmark measurement
@@ -39,10 +41,12 @@
 # seconds):
 #   1. PARTS="cuda_tests compare_default compare_ckpt_split"          (150 + 170 + 210): the
 #      new code on CUDA, the default heads, the least-memory options against plain e2e
-#   2. PARTS="compare_noexp compare_noexp_ckpt_split energy bt_bench"  (130 + 210 + 75 + 150):
-#      throughput and memory bars without expanders, counter vs integration, the loss
+#   2. PARTS="bt_bench bt_accuracy compare_noexp energy"  (150 + 90 + 130 + 75): every line of
+#      issue 3's bar (speed, memory, accuracy), the throughput bar without expanders, counter
+#      vs integration
 #   3. PARTS="compare_default independent expander_bench maxbatch"     (170 + 120 + 90 + the
 #      rest for maxbatch: a fresh training process per probe, ~20-30 s each)
+#   compare_noexp_ckpt_split (210): the memory bars without expanders, when time is left
 #   compare_split, compare_ckpt, compare_store: the single options, when time is left
 #   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
 #      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
@@ -63,8 +67,8 @@ PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
 VALID="cuda_tests compare_default compare_split compare_noexp compare_store compare_ckpt
-       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench expander_bench step_bench
-       learning"
+       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench bt_accuracy
+       expander_bench step_bench learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
     case " $(echo $VALID) " in *" $part "*) ;; *)
         echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
@@ -142,6 +146,9 @@ for part in $PARTS; do
             guard bt_bench 150 "${BENCH[@]}" tests/benchmarks/test_bench_barlow_twins.py \
                 -k "not fused_cross" --benchmark-json "$WORK/bt_bench.json"
             bench_table bt_bench torch_compile ;;
+        bt_accuracy)
+            guard bt_accuracy 90 env OUT="$WORK/bt_accuracy" BT_STAGES=accuracy \
+                BT_BUDGET_S=80 python tests/benchmarks/gpu_check_barlow_twins.py ;;
         expander_bench)
             guard expander_bench 90 "${BENCH[@]}" tests/benchmarks/test_bench_expander.py \
                 --benchmark-json "$WORK/expander_bench.json"
@@ -167,7 +174,7 @@ for r in compare_default compare_split compare_noexp compare_store compare_ckpt 
     fi
 done
 [ -f "$WORK/maxbatch/maxbatch.md" ] && grep '^|' "$WORK/maxbatch/maxbatch.md" | tee -a "$LOG"
-grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL)" "$WORK"/*.log 2>/dev/null | tee -a "$LOG"
+grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL|accuracy N=)" "$WORK"/*.log 2>/dev/null | tee -a "$LOG"
 say ""; say "== issue bars (scripts/issue_bars.py) =="
 BARS=()
 for f in "$WORK"/compare_*/report.json; do [ -f "$f" ] && BARS+=(--compare "$f"); done

@@ -27,7 +27,7 @@ from profiling._io import atomic_write_text
 class Row:
     provider: str
     median_ms: float
-    iqr_ms: float
+    iqr_ms: Optional[float]
     rounds: int
     peak_mib: Optional[float]
     floor_ms: Optional[float]
@@ -82,7 +82,7 @@ def groups(data: Dict[str, Any]) -> Dict[str, List[Row]]:
             peak = extra["peak_allocated_gib"] * 1024.0
         out.setdefault(str(b.get("group") or b.get("name")), []).append(Row(
             provider=_provider(b), median_ms=median * 1e3,
-            iqr_ms=iqr * 1e3 if iqr is not None else math.nan,
+            iqr_ms=iqr * 1e3 if iqr is not None else None,
             rounds=int(stats.get("rounds") or 0),
             peak_mib=peak, floor_ms=_num(extra.get("floor_ms")),
             energy_j=_num(extra.get("energy_per_image_j"))))
@@ -130,46 +130,38 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
         "whole peak allocation (`peak_allocated_gib`); floor = the benchmark's own bound (flops "
         "over the measured matmul rate, or bytes over the measured copy rate); J/pair = GPU "
         "energy per image pair, where the benchmark measured it", ""]
-    base_note = f"{baseline} / this" if baseline else "n/a"
     for group, rows in by_group.items():
         lines += [f"## {group}", ""]
         base = next((r for r in rows if r.provider == baseline), None) if baseline else None
-        head = ["provider", "median ms (IQR)", "rounds"]
-        if baseline:
-            head.append(f"x faster ({base_note})")
-        head += ["peak MiB"]
-        if baseline:
-            head.append(f"peak / {baseline}")
-        head.append("x floor")
         energy = any(r.energy_j is not None for r in rows)
+        head = ["provider", "median ms (IQR)", "rounds"]
+        head += [f"x faster ({baseline} / this)"] if baseline else []
+        head += ["peak MiB"] + ([f"peak / {baseline}"] if baseline else []) + ["x floor"]
         if energy:
-            head.append("J/pair")
-            if baseline:
-                head.append(f"J / {baseline}")
+            head += ["J/pair"] + ([f"J / {baseline}"] if baseline else [])
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        no_base = f"no {baseline} here"
+
+        def vs(num, den, missing):  # a ratio cell, or why it is n/a
+            if base is None:
+                return f"n/a ({no_base})"
+            return _ratio(num / den) if num is not None and den else f"n/a ({missing})"
+
         for r in rows:
-            cells = [r.provider, f"{_ms(r.median_ms)} ({_ms(r.iqr_ms) if r.iqr_ms == r.iqr_ms else 'n/a'})",
-                     str(r.rounds)]
+            iqr = _ms(r.iqr_ms) if r.iqr_ms is not None else "n/a"
+            cells = [r.provider, f"{_ms(r.median_ms)} ({iqr})", str(r.rounds)]
             if baseline:
-                cells.append(_ratio(base.median_ms / r.median_ms) if base
-                             else f"n/a (no {baseline} here)")
+                cells.append(vs(base and base.median_ms, r.median_ms, no_base))
             cells.append(f"{r.peak_mib:.1f}" if r.peak_mib is not None else "n/a (not recorded)")
             if baseline:
-                if base is None:
-                    cells.append(f"n/a (no {baseline} here)")
-                elif r.peak_mib is None or not base.peak_mib:
-                    cells.append("n/a (not recorded)")
-                else:
-                    cells.append(_ratio(r.peak_mib / base.peak_mib))
+                cells.append(vs(r.peak_mib, base and base.peak_mib, "not recorded"))
             cells.append(_ratio(r.median_ms / r.floor_ms) if r.floor_ms
                          else "n/a (no floor recorded)")
             if energy:
                 cells.append(f"{r.energy_j:#.3g}" if r.energy_j is not None
                              else "n/a (not measured)")
                 if baseline:
-                    ok = base is not None and r.energy_j is not None and base.energy_j
-                    cells.append(_ratio(r.energy_j / base.energy_j) if ok
-                                 else "n/a (not measured)")
+                    cells.append(vs(r.energy_j, base and base.energy_j, "not measured"))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

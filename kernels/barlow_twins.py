@@ -1448,8 +1448,8 @@ class _BarlowTwinsLossFn(torch.autograd.Function):
 
 class _CudaGraphs:
     """Capture backend. ``capture(fn, z1, z2)`` records the launches of ``fn(z1, z2)`` in a
-    torch.cuda.CUDAGraph without running them and returns (replay, outputs of fn, the graph);
-    ``replay(z1, z2)`` reruns them on the tensors at the captured addresses (the arguments are
+    torch.cuda.CUDAGraph without running them and returns (replay, outputs of fn);
+    ``replay(z1, z2)`` (which keeps the graph and its memory pool alive) reruns them on the tensors at the captured addresses (the arguments are
     for backends that cannot read by address: the CPU tests' fake). Holds no reference to the
     inputs, so that later tensors at the same addresses can match."""
 
@@ -1484,7 +1484,7 @@ class _CudaGraphs:
         loss, dz = out
         for t in (loss, *dz):  # read on the current stream after each replay
             t.record_stream(cur)
-        return (lambda a, b: graph.replay()), out, graph
+        return (lambda a, b: graph.replay()), out
 
 
 @dataclass
@@ -1492,7 +1492,6 @@ class _Captured:
     replay: object                     # (z1, z2) -> None: recompute loss and dz in place
     loss: torch.Tensor                 # static fp32 loss
     dz: Tuple[torch.Tensor, torch.Tensor]   # static dL/dz1, dL/dz2 at grad_loss = 1
-    graph: object                      # kept alive with its memory pool
     owner: Optional[object] = None     # token of the forward whose results dz holds
 
 
@@ -1541,11 +1540,11 @@ class _GraphCache:
             return self._switch_off(f"{self.captures} graphs captured but only {self.replays} "
                                     "replayed: the inputs' addresses change from call to call")
         try:
-            replay, (loss, dz), graph = self.backend.capture(fn, z1, z2)
+            replay, (loss, dz) = self.backend.capture(fn, z1, z2)
         except Exception as e:  # e.g. an op that cannot be captured: run directly from now on
             return self._switch_off(f"capture failed ({type(e).__name__}: {e})")
         self.captures += 1
-        entry = _Captured(replay, loss, (dz[0], dz[1]), graph)
+        entry = _Captured(replay, loss, (dz[0], dz[1]))
         self.graphs[key] = entry
         while len(self.graphs) > self.max_graphs:
             self.graphs.popitem(last=False)

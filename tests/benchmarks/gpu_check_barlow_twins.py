@@ -25,7 +25,11 @@ OUT = os.environ.get("OUT") or "/tmp/bt_gpu"
 BUDGET = float(os.environ.get("BT_BUDGET_S", "285"))
 os.makedirs(OUT, exist_ok=True)
 SUMMARY = []
-STAGES = {x.strip() for x in os.environ.get("BT_STAGES", "accuracy,variants,bench,tests").split(",")}
+VALID_STAGES = ("accuracy", "variants", "bench", "tests")
+STAGES = {x.strip() for x in os.environ.get("BT_STAGES", ",".join(VALID_STAGES)).split(",")}
+if not STAGES <= set(VALID_STAGES) or ("variants" in STAGES and "accuracy" not in STAGES):
+    sys.exit(f"BT_STAGES={os.environ.get('BT_STAGES')!r}: valid stages are {', '.join(VALID_STAGES)}"
+             " (variants runs after accuracy, so it needs it)")
 
 
 def left() -> float:

@@ -45,7 +45,8 @@ GIB = float(1 << 30)
 
 
 def measure(mode: str, batch: int, args, flags: dict):
-    """(forward+backward peak bytes, resident bytes, flops per step) at one batch."""
+    """(forward+backward peak bytes, resident bytes, flops per step, bytes per input pixel value)
+    at one batch."""
     extra = dict(steps_per_block=2) if mode == "sequential" else {}
     values = dict(dataset="synthetic", arch=args.arch, image_size=args.image_size,
                   synthetic_size=2 * batch, batch_size=batch, projector=args.projector,
@@ -78,7 +79,7 @@ def measure(mode: str, batch: int, args, flags: dict):
     with meter:
         tr.train_step(x1, x2, 0.01)
     resident = sum(tr.resident_bytes().values())
-    return meter.peak, resident, flops
+    return meter.peak, resident, flops, x1.element_size()
 
 
 def _fit(xs, ys):
@@ -123,17 +124,16 @@ def main(argv=None) -> int:
     for mode in [m.strip() for m in a.modes.split(",")]:
         t0 = time.time()
         points = [measure(mode, b, a, flags) for b in batches]
-        peaks = [p for p, _, _ in points]
+        peaks = [p[0] for p in points]
         slope, intercept = _fit(batches, peaks)
         resident = points[0][1]
         # the images of the current and the prefetched batch, two views each, as delivered
         # (created before the step, so the meter does not count them; a GPU run holds them)
-        itemsize = 2 if flags.get("precision", "bf16") == "bf16" else 4
-        inputs = 4 * a.target_batch * 3 * a.image_size ** 2 * itemsize
+        inputs = 4 * a.target_batch * 3 * a.image_size ** 2 * points[0][3]
         predicted = resident + inputs + intercept + slope * a.target_batch
         # flops per step = fixed + per pair * batch (e.g. an expander's Cout x Cin x Cin
         # statistics product does not grow with the batch): per pair at the target batch
-        f_slope, f_fixed = _fit(batches, [f for _, _, f in points])
+        f_slope, f_fixed = _fit(batches, [p[2] for p in points])
         gflop = (f_fixed / a.target_batch + f_slope) / 1e9
         rows.append((mode, peaks, slope, resident, inputs, predicted, gflop))
         print(f"  {mode}: measured in {time.time() - t0:.0f} s", flush=True)

@@ -5,6 +5,9 @@
 #
 #   cuda_tests       the CUDA paths of the kernel tests (sqrt_pool, Barlow Twins, ExpanderPool
 #                    kernels) and of the expander / trainer tests: new kernel code first
+#                    (about 150 s on an H100 before the graphs tests: their many Triton compiles)
+#   cuda_only        only the tests that skip without CUDA (real CUDA graphs, the trainer with
+#                    --loss-cuda-graphs and checkpointing on CUDA, memory and profiler peaks)
 #   compare_default  python -m profiling compare: ResNet-50, 224 px, batch 256, projector
 #                    8192-8192-8192, bf16, LARS, --fused; e2e / simultaneous / sequential with the
 #                    default heads (expander 2048 at every block, as the paper)
@@ -66,7 +69,7 @@ BUDGET_S=${BUDGET_S:-570}; ARCH=${ARCH:-resnet50}; IMG=${IMG:-224}; BATCH=${BATC
 PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
-VALID="cuda_tests compare_default compare_split compare_noexp compare_store compare_ckpt
+VALID="cuda_tests cuda_only compare_default compare_split compare_noexp compare_store compare_ckpt
        compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench bt_accuracy
        expander_bench step_bench learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
@@ -74,6 +77,9 @@ for part in $PARTS; do  # a typo must not cost a device call: check every name f
         echo "gpu_session.sh: unknown part '$part'; valid: $(echo $VALID)" >&2; exit 2 ;; esac
 done
 mkdir -p "$OUT" "$WORK"; LOG="$OUT/summary.txt"; : > "$LOG"
+# SEED=dir: an earlier call's parts (e.g. compare_default, carried back) copied into $WORK
+# first, so that a part that reads them (independent) can run in a later call
+[ -n "${SEED:-}" ] && cp -r "$SEED"/. "$WORK"/
 t0=$SECONDS
 say() { echo "$@" | tee -a "$LOG"; }
 left() { echo $(( BUDGET_S - (SECONDS - t0) )); }
@@ -109,6 +115,13 @@ for part in $PARTS; do
                 tests/test_expander_pool_kernel.py tests/test_barlow_twins.py \
                 tests/test_sqrt_pool.py tests/test_expander.py tests/test_trainer.py \
                 tests/test_barlow_twins_graphs.py ;;  # last: -x stops at the first failure
+        cuda_only)
+            guard cuda_only 150 python -m pytest -q -p no:cacheprovider -rs \
+                tests/test_barlow_twins_graphs.py::test_real_cuda_graphs \
+                tests/test_trainer.py::test_loss_cuda_graphs_same_trajectory_on_cuda \
+                tests/test_trainer.py::test_activation_checkpointing_on_cuda_lowers_the_peak_with_the_same_gradients \
+                tests/test_memory.py::test_real_cuda_nested_peaks \
+                tests/test_profiler.py::test_real_cuda_profile ;;
         compare_default)
             guard compare_default 170 "${COMPARE[@]}" --out "$WORK/compare_default" ;;
         compare_split)
@@ -133,7 +146,7 @@ for part in $PARTS; do
                 guard independent 120 python scripts/gpu_profile_independent.py \
                     --report "$WORK/compare_default/report.json" --out "$WORK/independent"
             else
-                say "-- independent: skipped (needs compare_default in the same call)"
+                say "-- independent: skipped (needs compare_default in this call or in SEED)"
             fi ;;
         energy)
             guard energy 75 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads ;;

@@ -52,8 +52,15 @@ def compare_bars(rep: Dict[str, Any], path: str) -> List[str]:
     gpu = (rep.get("header") or {}).get("gpu")
     if not gpu:
         off.append("no GPU")
-    rows = {row["label"]: row["cells"] for row in rep["tables"]["summary"]["rows"]}
-    runs = {r["label"]: r for r in rep.get("runs", [])}
+    # the summary's rows are the runs in order; a row's label may carry a suffix (sequential
+    # mode's "(all 4 blocks, one pass each)"), so rows are matched to runs by position
+    table_rows = rep["tables"]["summary"]["rows"]
+    run_list = rep.get("runs", [])
+    if len(table_rows) != len(run_list):
+        raise ValueError(f"issue_bars: {path}: {len(table_rows)} summary rows for "
+                         f"{len(run_list)} runs; not a report this script can read")
+    rows = {r["label"]: row["cells"] for r, row in zip(run_list, table_rows)}
+    runs = {r["label"]: r for r in run_list}
     base = rep.get("baseline")
     out = [f"BAR {tag} baseline: {base or 'none'}; GPU {gpu or 'n/a'}"]
     if off:

@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -944,12 +945,20 @@ def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[st
             ax.text(x, v, _sig(v) if fmt is None else fmt.format(v), ha="center",
                     va="bottom", fontsize=8)
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([_tick(x) for x in labels], fontsize=8)
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel(unit)
     ax.set_ylim(0, top * 1.18)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _tick(label: str, width: int = 16) -> str:
+    """A run's label on an axis or in a legend, wrapped onto lines of at most ``width``
+    characters (a baseline's "e2e (without --activation-checkpointing, --split-views)" would
+    otherwise run off the figure)."""
+    return "\n".join(textwrap.wrap(label, width, break_long_words=False,
+                                   break_on_hyphens=False)) or label
 
 
 def _suptitle(fig, rep: dict, what: str) -> None:
@@ -1003,7 +1012,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
                    "reserved" not in ax.get_legend_handles_labels()[1] else None)
             ax.text(x + 0.18, rv, f"{rv:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs)
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([_tick(x) for x in labels], fontsize=8)
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("peak memory (GiB)")
@@ -1034,14 +1043,15 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
                     ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.35")
         if base and base["metrics"]["peak_allocated_gib"] is not None:
             ax.axhline(base["metrics"]["peak_allocated_gib"], color="k", ls="--", lw=1,
-                       label=f"{base['label']} (whole step)")
+                       label=_tick(f"{base['label']} (whole step)", 40))
         ax.set_xticks(range(nb))
         ax.set_xticklabels([f"block {j + 1}" for j in range(nb)])
         ax.set_ylabel("peak allocated (GiB)")
         ax.set_title("per block", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-        if ax.get_legend_handles_labels()[1]:
-            ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[1]:  # under the axis, as the left panel's
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2,
+                      frameon=False)
         if not any_bar:
             ax.text(0.5, 0.5, "n/a (" + _short(block_runs[0]["na"].get("peak_allocated_gib"))
                     + ")", transform=ax.transAxes, ha="center")
@@ -1087,7 +1097,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
             ax.bar(x, v, width=0.6, color="0.5")
         ax.text(x, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(runs)))
-    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([_tick(x) for x in labels], fontsize=8)
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("GPU energy per image pair (J)")

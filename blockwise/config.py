@@ -37,7 +37,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, get_type_hints
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_type_hints
 
 #: training modes; see blockwise/trainer.py
 MODES = ("e2e", "simultaneous", "sequential")
@@ -100,6 +100,10 @@ class Config:
                                         "about one extra forward of each trained block; exact "
                                         "(BatchNorm's running statistics are updated once). "
                                         "Applies to every mode, e2e included")
+    checkpoint_blocks: Optional[str] = _f(None, "with --activation-checkpointing: the blocks "
+                                          "(1-4, comma-separated) recomputed, e.g. 1: at 224 px "
+                                          "block 1 holds most of a ResNet's activations for the "
+                                          "least compute (default: all four)")
     noise_std: float = _f(0.0, "noise at block outputs during training: x + std * N(0,1) * std(x) "
                           "(the paper uses 0.25; 0 = off)")
     # ---- loss
@@ -266,6 +270,7 @@ class Config:
         if self.loss_cuda_graphs and not self.fused:
             raise ValueError("--loss-cuda-graphs replays the fused loss: add --fused")
         self.block_epoch_list()  # validates block_epochs
+        self.checkpointed_blocks()  # validates checkpoint_blocks
         if self.dataset in ("cifar10", "imagefolder") and not self.data_dir:
             raise ValueError(f"dataset {self.dataset!r} needs --data-dir")
         if self.device == "cuda":
@@ -294,6 +299,23 @@ class Config:
             raise ValueError(f"--block-epochs {self.block_epochs!r}: expected 4 positive integers "
                              "separated by commas, e.g. 10,10,20,20")
         return values
+
+    def checkpointed_blocks(self) -> Tuple[bool, bool, bool, bool]:
+        """Per block: whether its residual units are recomputed in the backward."""
+        if self.checkpoint_blocks is None:
+            return (self.activation_checkpointing,) * 4
+        spec = str(self.checkpoint_blocks)
+        try:
+            values = [int(v) for v in spec.split(",")]
+        except ValueError:
+            values = []
+        if not values or any(not 1 <= v <= 4 for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"--checkpoint-blocks {spec!r}: expected distinct block numbers "
+                             "from 1 to 4 separated by commas, e.g. 1 or 1,2")
+        if not self.activation_checkpointing:
+            raise ValueError(f"--checkpoint-blocks {spec!r} chooses the blocks that "
+                             "--activation-checkpointing recomputes: add --activation-checkpointing")
+        return tuple(k + 1 in values for k in range(4))  # type: ignore[return-value]
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,7 +414,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 #: settings a resumed run may change (they do not alter the training trajectory)
 RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
                   "probe_batch_size", "probe_control", "profile", "profile_warmup", "profile_phases",
-                  "checkpoint", "activation_checkpointing", "loss_cuda_graphs",  # exact
+                  "checkpoint", "activation_checkpointing", "checkpoint_blocks",  # exact
+                  "loss_cuda_graphs",
                   "out", "resume")
 
 

@@ -37,7 +37,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -207,17 +207,24 @@ class EndToEnd(nn.Module):
     one view's block-4 output and embedding (``--split-views``)."""
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, loss_fn: BarlowTwinsLoss,
-                 noise_std: float, prof=None, checkpointed: bool = False):
+                 noise_std: float, prof=None,
+                 checkpointed: Union[bool, Sequence[bool]] = False):
         super().__init__()
         self.blocks, self.head = blocks, head
-        self.loss_fn, self.noise_std, self.checkpointed = loss_fn, noise_std, checkpointed
+        self.loss_fn, self.noise_std = loss_fn, noise_std
+        # per block (``--checkpoint-blocks``), or one value for all
+        self.checkpointed = ([bool(checkpointed)] * len(blocks) if isinstance(checkpointed, bool)
+                             else [bool(c) for c in checkpointed])
+        if len(self.checkpointed) != len(blocks):
+            raise ValueError(f"checkpointed: {len(self.checkpointed)} values for "
+                             f"{len(blocks)} blocks")
         self.prof = prof or _NoProfiler()
 
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
         views = [x1] if x2 is None else [x1, x2]
         for k, block in enumerate(self.blocks):
             with self.prof.window(f"block{k + 1}/forward"):
-                views = [models.add_noise(models.forward_block(block, x, self.checkpointed),
+                views = [models.add_noise(models.forward_block(block, x, self.checkpointed[k]),
                                           self.noise_std, self.training) for x in views]
         with self.prof.window("head"):
             if x2 is None:
@@ -386,7 +393,7 @@ class Trainer:
             self.heads[3] = self._new_head(3)
             self.model = self._wrap(EndToEnd(self.blocks, self.heads[3], self.loss_fn,
                                              cfg.noise_std, self.windows,
-                                             cfg.activation_checkpointing))
+                                             cfg.checkpointed_blocks()))
             self.optimizers[3] = self._new_optimizer(nn.ModuleList([self.blocks, self.heads[3]]))
         elif cfg.mode == "simultaneous":
             for k in range(4):
@@ -452,7 +459,7 @@ class Trainer:
         self.heads[k] = self._new_head(k)
         self.stages[k] = self._wrap(Stage(k, self.blocks[k], self.heads[k], self.loss_fn,
                                           self.cfg.noise_std, self.windows,
-                                          self.cfg.activation_checkpointing))
+                                          self.cfg.checkpointed_blocks()[k]))
         self.optimizers[k] = self._new_optimizer(nn.ModuleList([self.blocks[k], self.heads[k]]))
 
     def _begin_block(self, b: int, ckpt: Optional[dict] = None) -> None:

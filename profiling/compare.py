@@ -146,17 +146,30 @@ def _names(text: str) -> List[str]:
 
 
 def baseline_flags(without: str, extra: Sequence[str]) -> List[str]:
-    """The trainer flags after -- minus the ``--baseline-without`` ones (flags without a value,
-    such as --activation-checkpointing, --split-views)."""
+    """The trainer flags after -- minus the ``--baseline-without`` ones: a switch such as
+    --split-views, or a flag with its value (``--checkpoint-blocks 1`` or
+    ``--checkpoint-blocks=1``)."""
     names = _names(without)
-    missing = [n for n in names if f"--{n}" not in extra]
+    flags = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    missing = [n for n in names if f"--{n}" not in flags]
     if not names or missing:
         raise ValueError(f"--baseline-without {without!r}: "
                          f"{'no flag named' if not names else 'not among the trainer flags'} "
                          f"{', '.join('--' + n for n in missing)}; the trainer flags after -- "
                          f"are: {' '.join(extra) or '(none)'}")
     drop = {f"--{n}" for n in names}
-    return [a for a in extra if a not in drop]
+    out: List[str] = []
+    skip_value = False
+    for a in extra:
+        if skip_value:
+            skip_value = False
+            if not a.startswith("--"):  # the dropped flag's value
+                continue
+        if a.split("=", 1)[0] in drop:
+            skip_value = "=" not in a
+            continue
+        out.append(a)
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

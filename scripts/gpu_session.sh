@@ -15,6 +15,8 @@
 #   compare_split    the same with --split-views (each view back-propagated on its own)
 #   compare_ckpt     the same with --activation-checkpointing (each residual unit recomputed)
 #   compare_ckpt_split  with --activation-checkpointing --split-views (the least memory)
+#   compare_ckpt1_split  --activation-checkpointing --checkpoint-blocks 1 --split-views (only
+#                    block 1 recomputed: it holds most of the activations, for the least compute)
 #   compare_noexp_ckpt_split  --expander 0 --activation-checkpointing --split-views
 #                    (the memory-option parts also run e2e without the options first: the
 #                    ratio baseline of their report, as the issue's bars are against plain e2e)
@@ -40,17 +42,16 @@
 # a PASS/MISS line per issue bar, scripts/issue_bars.py)
 # and session.tar.gz (logs, reports, plots, benchmark JSON; no weights).
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
-# start-up when it went cold, and a cold machine has lost the previous call's files; guards in
-# seconds):
-#   1. PARTS="cuda_tests compare_default compare_ckpt_split"          (150 + 170 + 210): the
-#      new code on CUDA, the default heads, the least-memory options against plain e2e
-#   2. PARTS="bt_bench bt_accuracy compare_noexp energy"  (150 + 90 + 130 + 75): every line of
-#      issue 3's bar (speed, memory, accuracy), the throughput bar without expanders, counter
-#      vs integration
-#   3. PARTS="compare_default independent expander_bench maxbatch"     (170 + 120 + 90 + the
-#      rest for maxbatch: a fresh training process per probe, ~20-30 s each)
-#   compare_noexp_ckpt_split (210): the memory bars without expanders, when time is left
-#   compare_split, compare_ckpt, compare_store: the single options, when time is left
+# start-up, ~30 s on an H100; a task may be lent a machine for one call only, as the fifth
+# session was: put first what no earlier session measured). Guards in seconds:
+#   1. PARTS="cuda_only bt_bench bt_accuracy energy compare_noexp"  (150 + 150 + 90 + 75 + 130):
+#      the CUDA-graph tests, every line of issue 3's bar on the current loss code, counter vs
+#      integration, the throughput bar without expanders
+#   2. SEED=<dir holding compare_default/, carried> PARTS="independent maxbatch" (120 + 420), or
+#      PARTS="compare_default independent compare_ckpt1_split" when nothing is carried
+#   3. PARTS="cuda_tests compare_noexp_ckpt_split step_bench expander_bench"
+#   measured in the fifth session (commit b352a4d): compare_default, compare_ckpt_split (reports
+#      in docs/reports/h100_session5_*); cuda_tests passed 40 tests before its guard
 #   later: PARTS="learning" EPOCHS=80 PARALLEL=1 (e2e and simultaneous at the same time, one
 #      process each: ResNet-18 at 32 px does not fill the GPU); without PARALLEL one mode per
 #      call at 80 epochs (MODES=e2e, then MODES=simultaneous); DATA needed only here;
@@ -70,7 +71,7 @@ PROJ=${PROJ:-8192-8192-8192}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-10}; WARMUP
 EPOCHS=${EPOCHS:-25}; LEARN_ARGS=${LEARN_ARGS:-}
 PARTS=${PARTS:-cuda_tests compare_default compare_split compare_noexp}
 VALID="cuda_tests cuda_only compare_default compare_split compare_noexp compare_store compare_ckpt
-       compare_ckpt_split compare_noexp_ckpt_split independent energy maxbatch bt_bench bt_accuracy
+       compare_ckpt_split compare_ckpt1_split compare_noexp_ckpt_split independent energy maxbatch bt_bench bt_accuracy
        expander_bench step_bench learning"
 for part in $PARTS; do  # a typo must not cost a device call: check every name first
     case " $(echo $VALID) " in *" $part "*) ;; *)
@@ -133,6 +134,10 @@ for part in $PARTS; do
         compare_ckpt_split)
             guard compare_ckpt_split 210 "${COMPARE[@]}" --out "$WORK/compare_ckpt_split" \
                 --baseline-without "$MEMOPTS" -- --activation-checkpointing --split-views ;;
+        compare_ckpt1_split)
+            guard compare_ckpt1_split 210 "${COMPARE[@]}" --out "$WORK/compare_ckpt1_split" \
+                --baseline-without "$MEMOPTS,checkpoint-blocks" -- --activation-checkpointing \
+                --checkpoint-blocks 1 --split-views ;;
         compare_noexp_ckpt_split)
             guard compare_noexp_ckpt_split 210 "${COMPARE[@]}" --out "$WORK/compare_noexp_ckpt_split" \
                 --baseline-without "$MEMOPTS" -- --expander 0 --activation-checkpointing --split-views ;;
@@ -181,7 +186,7 @@ done
 
 say ""; say "== tables =="
 for r in compare_default compare_split compare_noexp compare_store compare_ckpt compare_ckpt_split \
-         compare_noexp_ckpt_split; do
+         compare_ckpt1_split compare_noexp_ckpt_split; do
     if [ -f "$WORK/$r/report.md" ]; then
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi

@@ -636,3 +636,18 @@ def test_compare_baseline_without_memory_options(tmp_path, capsys):
                      "--baseline-without", "split-views", "--", "--workers", "0"]) == 2
     assert "not among the trainer flags --split-views" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_baseline_flags_drops_switches_and_flags_with_values():
+    from profiling.compare import baseline_flags
+    extra = ["--activation-checkpointing", "--checkpoint-blocks", "1,2", "--split-views",
+             "--noise-std", "0.25"]
+    assert baseline_flags("activation-checkpointing,split-views,checkpoint-blocks", extra) == [
+        "--noise-std", "0.25"]
+    assert baseline_flags("checkpoint-blocks", ["--checkpoint-blocks=1", "--split-views"]) == [
+        "--split-views"]
+    # a switch followed by another flag keeps that flag
+    assert baseline_flags("split-views", ["--split-views", "--expander", "0"]) == [
+        "--expander", "0"]
+    with pytest.raises(ValueError, match="not among the trainer flags --pool"):
+        baseline_flags("pool", extra)

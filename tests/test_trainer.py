@@ -13,6 +13,7 @@ import weakref
 import pytest
 import torch
 
+from blockwise import models
 from blockwise.checkpoint import load_checkpoint
 from blockwise.config import Config
 from blockwise.trainer import NonFiniteLoss, Trainer, initial_blocks
@@ -527,3 +528,42 @@ def test_bf16_autocast_batches_arrive_in_bf16(tmp_path, mode, monkeypatch):
     assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
     after = params_of(tr.blocks)
     assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_checkpoint_blocks_recomputes_only_the_chosen_blocks(tmp_path, monkeypatch):
+    x1, x2 = torch.randn(2, 8, 3, 16, 16).unbind(0)
+    trainers = {spec: make(tmp_path / spec.replace(",", "_"), mode="e2e", image_size=16,
+                           activation_checkpointing=spec != "none",
+                           checkpoint_blocks=None if spec in ("none", "all") else spec)
+                for spec in ("none", "1", "1,3", "all")}
+    real = models.forward_block
+    for spec, tr in trainers.items():
+        calls = []
+
+        def spy(block, x, checkpointed=False):
+            calls.append((next(i for i, b in enumerate(tr.blocks) if b is block), checkpointed))
+            return real(block, x, checkpointed)
+
+        monkeypatch.setattr(models, "forward_block", spy)
+        meter = TensorBytesMeter()
+        with meter, tr._autocast():
+            loss = tr.model(x1, x2)
+        trainers[spec] = (meter.current, loss.detach())
+        del loss
+        want = {"none": set(), "1": {0}, "1,3": {0, 2}, "all": {0, 1, 2, 3}}[spec]
+        assert {i for i, c in calls if c} == want and {i for i, _ in calls} == {0, 1, 2, 3}, spec
+    held = {spec: v[0] for spec, v in trainers.items()}
+    # each block recomputed keeps less alive after the forward, and the values do not change
+    assert held["all"] < held["1,3"] < held["1"] < held["none"], held
+    for spec in ("1", "1,3", "all"):
+        torch.testing.assert_close(trainers[spec][1], trainers["none"][1], rtol=1e-6, atol=1e-6)
+
+
+def test_checkpoint_blocks_per_stage_and_bad_specs(tmp_path):
+    tr = make(tmp_path / "s", activation_checkpointing=True, checkpoint_blocks="2,4")
+    assert [tr.stages[k].checkpointed for k in range(4)] == [False, True, False, True]
+    for bad in ("0", "5", "1,1", "a", "", "1,,2"):
+        with pytest.raises(ValueError, match="distinct block numbers from 1 to 4"):
+            tiny(tmp_path / "b", activation_checkpointing=True, checkpoint_blocks=bad)
+    with pytest.raises(ValueError, match="add --activation-checkpointing"):
+        tiny(tmp_path / "b", checkpoint_blocks="1")

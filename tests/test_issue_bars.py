@@ -49,7 +49,8 @@ def _report(settings_over=None, gpu="NVIDIA H100 80GB HBM3"):
     # the report labels sequential's row with how it sums the blocks (profiling/report.py)
     shown = {"sequential": "sequential (all 4 blocks, one pass each)"}
     rows = [dict(label=shown.get(k, k),
-                 cells=dict(peak_allocated_gib_vs_e2e=p, throughput_img_s_vs_e2e=t))
+                 cells=dict(peak_allocated_gib_vs_e2e=p, throughput_img_s_vs_e2e=t,
+                            peak_allocated_gib=20.0 * p, throughput_img_s=1000.0 * t))
             for k, (p, t) in cells.items()]
     return dict(header=dict(settings=settings, gpu=gpu), runs=runs,
                 baseline="e2e (without --split-views)", tables=dict(summary=dict(rows=rows)))
@@ -62,6 +63,15 @@ def test_compare_bars_verdicts():
     assert "sequential peak memory 0.310x e2e (without --split-views) (<= 0.3): MISS" in text
     assert "simultaneous throughput 0.500x e2e (without --split-views) (>= 0.95): MISS" in text
     assert lines[0].startswith("BAR [cmp] baseline: e2e (without --split-views)")
+    # against e2e with the same options (0.6x memory, 0.8x throughput of plain e2e): read out,
+    # not judged
+    assert ("BAR [cmp] (not a bar) simultaneous against e2e with the same options: "
+            "peak memory 0.783x, throughput 0.625x") in text
+    assert "(not a bar) sequential against e2e with the same options: peak memory 0.517x" in text
+    assert not any("not a bar" in x for x in issue_bars.compare_bars(
+        dict(_report(), runs=_report()["runs"][1:],
+             tables=dict(summary=dict(rows=_report()["tables"]["summary"]["rows"][1:]))),
+        "r.json"))
     # a run that was not fused is not judged on the throughput bar
     rep = _report()
     rep["runs"][2]["fused"] = False

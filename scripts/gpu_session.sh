@@ -5,7 +5,8 @@
 #
 #   cuda_tests       the CUDA paths of the kernel tests (sqrt_pool, Barlow Twins, ExpanderPool
 #                    kernels) and of the expander / trainer tests: new kernel code first
-#                    (about 150 s on an H100 before the graphs tests: their many Triton compiles)
+#                    (40 tests passed in 150 s on an H100 in one process, before the graphs
+#                    tests: Triton compiles; now 8 processes where pytest-xdist is installed)
 #   cuda_only        only the tests that skip without CUDA (real CUDA graphs, the trainer with
 #                    --loss-cuda-graphs and checkpointing on CUDA, memory and profiler peaks)
 #   compare_default  python -m profiling compare: ResNet-50, 224 px, batch 256, projector
@@ -106,13 +107,16 @@ bench_table() {  # bench_table NAME BASELINE: the benchmark JSON as tables in su
         --out "$WORK/$1.md" | tee -a "$LOG"
 }
 MEMOPTS=activation-checkpointing,split-views  # the option runs' e2e baseline runs without them
+# the kernel tests' time on a GPU machine is Triton compiling: spread it over 8 processes
+# where pytest-xdist is installed (the H100 image has it)
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 BENCH=(python -m pytest -q -p no:cacheprovider --benchmark-only
        --benchmark-columns=median,iqr,rounds)
 
 for part in $PARTS; do
     case $part in
         cuda_tests)
-            guard cuda_tests 150 python -m pytest -q -p no:cacheprovider -x \
+            guard cuda_tests 150 python -m pytest -q -p no:cacheprovider -x $XDIST \
                 tests/test_expander_pool_kernel.py tests/test_barlow_twins.py \
                 tests/test_sqrt_pool.py tests/test_expander.py tests/test_trainer.py \
                 tests/test_barlow_twins_graphs.py ;;  # last: -x stops at the first failure

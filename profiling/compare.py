@@ -230,6 +230,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
               flush=True)
         res = run_trainer(cmd, run_dir, os.path.join(out, "runs", name + ".log"), args.timeout,
                           label, mode, fused)
+        if own_extra is not None:
+            res.without = _names(without)
         summary = res.status
         if res.profile:
             r = res.profile["run"]

@@ -74,6 +74,8 @@ class RunResult:
     exit_code: Optional[int] = None
     wall_s: Optional[float] = None
     command: Optional[List[str]] = None
+    #: the trainer flags this run left out of the others' (compare --baseline-without)
+    without: Optional[List[str]] = None
 
     def __post_init__(self):
         meta = (self.profile or {}).get("meta") or {}
@@ -636,6 +638,16 @@ def _baseline(runs: Sequence[RunResult]) -> Optional[RunResult]:
     return e2e[0] if e2e else None
 
 
+def _same_options_e2e(runs: Sequence[RunResult],
+                      base: Optional[RunResult]) -> Optional[RunResult]:
+    """With a baseline that left flags out (compare --baseline-without): the e2e run that has
+    them, with the baseline's kernels (fused or not), if the report holds one."""
+    if base is None or not base.without:
+        return None
+    return next((r for r in runs if r is not base and r.mode == BASELINE_MODE
+                 and r.fused == base.fused and r.profile is not None), None)
+
+
 def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
                  title: str = "Blockwise vs end-to-end: memory, speed and energy") -> dict:
     """The report as a dict (what report.json holds)."""
@@ -689,6 +701,14 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     tables["per_block"] = _build_table(
         "Per block (ratio to the whole e2e step)", BLOCK_COLUMNS, block_rows, base_met,
         base_reason or "no e2e run", "x e2e step")
+    same = _same_options_e2e(runs, base)
+    if same is not None:
+        ref = entries[runs.index(same)]
+        flags = ", ".join("--" + n for n in base.without)
+        tables["same_options"] = _build_table(
+            f"Against e2e with the same options ({flags}): {ref['label']!r}", SUMMARY_COLUMNS,
+            [row for row, r in zip(rows, runs) if r is not base], ref["metrics"],
+            f"e2e run {ref['label']!r} has no profile", "x e2e (same options)")
     phase_cols = [(p, f"{p} (ms/pair)", "{:.3f}", True) for p in PHASES]
     phase_rows = [(label_of(e), e["phases_ms_per_image"], e["phases_na"]) for e in entries]
     tables["phases"] = _build_table(
@@ -704,6 +724,7 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
         "header": _header(runs),
         "baseline": base.label if base else None,
         "baseline_reason": base_reason or None,
+        "baseline_without": list(base.without) if base and base.without else None,
         "runs": entries,
         "tables": tables,
         "plots": list(PLOTS),
@@ -802,10 +823,13 @@ def render_markdown(rep: dict) -> str:
         out += ["", f"**{r['label']}: {r['status']}** (exit code {r['exit_code']}): "
                     f"{(r['error'] or '').strip()[:300]}"]
     footnotes: List[str] = []
-    sections = [("summary", "## Summary"), ("memory", "## Peak memory breakdown"),
+    sections = [("summary", "## Summary"), ("same_options", "## Against e2e with the same options"),
+                ("memory", "## Peak memory breakdown"),
                 ("arithmetic", "## Arithmetic"), ("per_block", "## Per block"),
                 ("phases", "## Time per phase"), ("detail", "## Detail")]
     for key, heading in sections:
+        if key not in rep["tables"]:  # same_options: only with compare --baseline-without
+            continue
         t = rep["tables"][key]
         caption = [] if t["title"] == heading.lstrip("# ") else [f"*{t['title']}*", ""]
         out += ["", heading, ""] + caption + [_md_table(t, footnotes)]

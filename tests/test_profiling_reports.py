@@ -630,6 +630,19 @@ def test_compare_baseline_without_memory_options(tmp_path, capsys):
     flags = {k: c.get("config", c)["activation_checkpointing"] for k, c in configs.items()}
     assert flags == {labels[0]: False, "e2e": True, "simultaneous": True}
     assert check_ratios(rep) > 0
+    # beside the plain baseline, every run against e2e with the same options, from its own numbers
+    assert rep["baseline_without"] == ["activation-checkpointing"]
+    same = rep["tables"]["same_options"]
+    assert [row["label"] for row in same["rows"]] == ["e2e", "simultaneous"]
+    e2e_opts = rep["runs"][1]["metrics"]
+    assert same["baseline"]["peak_allocated_gib"] == e2e_opts["peak_allocated_gib"]
+    sim = rep["runs"][2]["metrics"]
+    got = same["rows"][1]["cells"]["throughput_img_s_vs_e2e"]
+    assert got == pytest.approx(sim["throughput_img_s"] / e2e_opts["throughput_img_s"])
+    assert same["rows"][0]["cells"]["throughput_img_s_vs_e2e"] == pytest.approx(1.0)
+    md = open(out / "report.md").read()
+    assert "## Against e2e with the same options" in md
+    assert "x e2e (same options)" in md
     # a flag that is not among the trainer flags: a clear error, nothing run
     bad = tmp_path / "bad"
     assert cli.main(["compare", "--modes", "e2e", *TINY, "--out", str(bad),

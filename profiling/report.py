@@ -563,7 +563,9 @@ def _md_table(table: dict, footnotes: List[str]) -> str:
         cells = []
         for c in kept:
             v = row["cells"].get(c["key"])
-            if v is None:
+            if v is None and c.get("ratio_of") and row["cells"].get(c["ratio_of"]) is None:
+                cells.append("n/a")  # its value cell, just left of it, gives the reason
+            elif v is None:
                 reason = row["na"].get(c["key"]) or "not measured"
                 if reason not in footnotes:
                     footnotes.append(reason)

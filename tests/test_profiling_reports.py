@@ -664,3 +664,20 @@ def test_baseline_flags_drops_switches_and_flags_with_values():
         "--expander", "0"]
     with pytest.raises(ValueError, match="not among the trainer flags --pool"):
         baseline_flags("pool", extra)
+
+
+def test_md_table_ratio_of_a_missing_value_is_a_bare_na():
+    from profiling.report import _md_table
+    table = {"columns": [{"key": "t", "label": "time (ms)", "format": "{:.1f}"},
+                         {"key": "t_vs_e2e", "label": "x e2e", "format": "{:.2f}x",
+                          "ratio_of": "t"}],
+             "rows": [{"label": "a", "cells": {"t": 2.0, "t_vs_e2e": None},
+                       "na": {"t_vs_e2e": "baseline not timed"}},
+                      {"label": "b", "cells": {"t": None, "t_vs_e2e": None},
+                       "na": {"t": "not timed", "t_vs_e2e": "not timed"}}]}
+    notes: list = []
+    md = _md_table(table, notes)
+    # the value's reason once; a ratio whose own value is there keeps its own reason
+    assert "| b | n/a (not timed) | n/a |" in md
+    assert "| a | 2.0 | n/a (" in md
+    assert notes == ["baseline not timed", "not timed"]

@@ -37,7 +37,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -207,14 +207,11 @@ class EndToEnd(nn.Module):
     one view's block-4 output and embedding (``--split-views``)."""
 
     def __init__(self, blocks: nn.ModuleList, head: nn.Module, loss_fn: BarlowTwinsLoss,
-                 noise_std: float, prof=None,
-                 checkpointed: Union[bool, Sequence[bool]] = False):
+                 noise_std: float, prof=None, checkpointed: Sequence[bool] = (False,) * 4):
         super().__init__()
         self.blocks, self.head = blocks, head
-        self.loss_fn, self.noise_std = loss_fn, noise_std
-        # per block (``--checkpoint-blocks``), or one value for all
-        self.checkpointed = ([bool(checkpointed)] * len(blocks) if isinstance(checkpointed, bool)
-                             else [bool(c) for c in checkpointed])
+        # checkpointed: per block (Config.checkpointed_blocks)
+        self.loss_fn, self.noise_std, self.checkpointed = loss_fn, noise_std, tuple(checkpointed)
         if len(self.checkpointed) != len(blocks):
             raise ValueError(f"checkpointed: {len(self.checkpointed)} values for "
                              f"{len(blocks)} blocks")

@@ -85,31 +85,29 @@ def compare_bars(rep: Dict[str, Any], path: str) -> List[str]:
             else:
                 ok = v <= bar if op == "<=" else v >= bar
                 out.append(f"{name} {v:.3f}x {base} ({op} {bar}): {_verdict(ok)}")
-    out += _same_options_lines(tag, base, runs, rows)
+    out += _same_options_lines(rep, tag)
     return out
 
 
-def _same_options_lines(tag: str, base: Optional[str], runs: Dict[str, Any],
-                        rows: Dict[str, Dict[str, Any]]) -> List[str]:
-    """When the baseline is e2e without the report's options (--baseline-without) and the report
-    also has e2e with them: each blockwise run against that e2e too, for reading the verdicts
-    (the bars are against plain e2e; a paper compares like with like)."""
-    same = [lab for lab, r in runs.items() if r.get("mode") == "e2e" and lab != base]
-    if not same or base not in runs:
+def _same_options_lines(rep: Dict[str, Any], tag: str) -> List[str]:
+    """The report's own "against e2e with the same options" table (compare --baseline-without),
+    one line per blockwise run, for reading the verdicts: the bars are against plain e2e, and a
+    paper compares like with like."""
+    table = rep["tables"].get("same_options")
+    if not table:
         return []
-    ref = rows.get(same[0], {})
+    # its rows are the runs other than the baseline, in order
+    others = [r for r in rep.get("runs", []) if r["label"] != rep.get("baseline")]
     out = []
-    for lab, r in runs.items():
+    for r, row in zip(others, table["rows"]):
         if r.get("mode") not in ("simultaneous", "sequential"):
             continue
-        cells = rows.get(lab, {})
-        parts = []
-        for key, what in (("peak_allocated_gib", "peak memory"), ("throughput_img_s", "throughput")):
-            a, b = cells.get(key), ref.get(key)
-            if a is not None and b:
-                parts.append(f"{what} {a / b:.3f}x")
+        parts = [f"{what} {row['cells'][key]:.3f}x"
+                 for key, what in (("peak_allocated_gib_vs_e2e", "peak memory"),
+                                   ("throughput_img_s_vs_e2e", "throughput"))
+                 if row["cells"].get(key) is not None]
         if parts:
-            out.append(f"BAR {tag} (not a bar) {lab} against {same[0]} with the same options: "
+            out.append(f"BAR {tag} (not a bar) {r['label']} against e2e with the same options: "
                        + ", ".join(parts))
     return out
 

@@ -643,6 +643,13 @@ def test_compare_baseline_without_memory_options(tmp_path, capsys):
     md = open(out / "report.md").read()
     assert "## Against e2e with the same options" in md
     assert "x e2e (same options)" in md
+    # scripts/issue_bars.py reads that table from a real report (its own tests use a fixture)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import issue_bars
+    [line] = issue_bars._same_options_lines(rep, "[t]")
+    ratio = sim["throughput_img_s"] / e2e_opts["throughput_img_s"]  # (no peak memory on CPU)
+    assert line == ("BAR [t] (not a bar) simultaneous against e2e with the same options: "
+                    f"throughput {ratio:.3f}x")
     # a flag that is not among the trainer flags: a clear error, nothing run
     bad = tmp_path / "bad"
     assert cli.main(["compare", "--modes", "e2e", *TINY, "--out", str(bad),

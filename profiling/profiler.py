@@ -396,6 +396,9 @@ class Profiler:
             },
             # beyond the binding schema:
             "sampled_energy_j": total("sampled_energy_j"),
+            # a measured segment shorter than the counter's update: energy_j is 0 or whole
+            # updates; reports take sampled_energy_j instead, or show n/a
+            "short": any(s["short"] for s in segs),
             "cpu_energy_unavailable": (self.energy.cpu_unavailable
                                        if total("cpu_energy_j") is None else None),
             "segments": segs,

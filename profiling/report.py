@@ -211,6 +211,27 @@ def _window_energy(w: dict, method: Optional[str]) -> Tuple[Optional[float], Opt
     return energy, f"{method or 'counter'}, {short}/{count} windows < 100 ms (estimate)"
 
 
+SHORT_NO_SAMPLES = ("measured window shorter than the energy counter's ~100 ms update and no "
+                    "power samples to integrate instead: measure more --steps")
+
+
+def _measured_energy(energy: Optional[float], sampled: Optional[float], short: bool,
+                     method: Optional[str]) -> Tuple[Optional[float], Optional[str],
+                                                     Optional[str]]:
+    """(energy J, where it comes from, why it is None) of a measured segment or run.
+
+    A measured stretch shorter than the counter's ~100 ms update reads a whole update or none
+    (0 J, or up to twice the truth): the power-sample integral replaces it when there is one,
+    otherwise the value is withheld, never shown as a measurement."""
+    if energy is None:
+        return None, None, None
+    if not short:
+        return energy, method or "counter", None
+    if sampled is not None:
+        return sampled, "power samples (measured window < 100 ms)", None
+    return None, None, SHORT_NO_SAMPLES
+
+
 def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict], str]:
     """(metrics, reasons for the None ones, per-block rows, how the per-image cost was computed).
 
@@ -245,6 +266,14 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         "oom_count": run.get("oom_count"),
         "mean_power_w": run.get("mean_power_w"),
     }
+    run_short = any(sg.get("short") for sg in run.get("segments") or [])
+    run_energy, run_source, short_reason = _measured_energy(
+        run.get("energy_j"), run.get("sampled_energy_j"), run_short, run.get("energy_method"))
+    if run_short:
+        met["energy_method"] = run_source
+        met["mean_power_w"] = _div(run_energy, run.get("time_s"))
+        if short_reason:
+            e_reason = short_reason
     breakdown, breakdown_reasons = memory_breakdown(r.profile)
     met.update(breakdown)
     per_block: List[dict] = []
@@ -253,7 +282,9 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
     if r.mode == "sequential" and segs:
         basis = f"sum over {len(segs)} blocks (one pass each)"
         t_img = [_div(s["time_s"], s["images"]) for s in segs]
-        e_img = [_div(s["energy_j"], s["images"]) for s in segs]
+        seg_energy = [_measured_energy(s["energy_j"], s["sampled_energy_j"], s["short"],
+                                       run.get("energy_method")) for s in segs]
+        e_img = [_div(e, s["images"]) for (e, _, _), s in zip(seg_energy, segs)]
         c_img = [_div(s["cpu_energy_j"], s["images"]) for s in segs]
         s_img = [_div(s["sampled_energy_j"], s["images"]) for s in segs]
         met["time_per_image_ms"] = (1000.0 * sum(t_img)) if all(v is not None for v in t_img) \
@@ -264,6 +295,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         met["sampled_energy_per_image_j"] = sum(s_img) if all(v is not None for v in s_img) \
             else None
         gflops, gflop_why = _segment_gflops(r.profile, segs)
+        if any(why for _, _, why in seg_energy):
+            e_reason = SHORT_NO_SAMPLES
         for k, (s, t, e) in enumerate(zip(segs, t_img, e_img)):
             per_block.append({
                 "gflop_per_pair": None if gflops is None else gflops[k],
@@ -273,17 +306,16 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
                 "peak_reserved_gib": s["peak_reserved_gib"],
                 "time_per_image_ms": None if t is None else 1000.0 * t,
                 "energy_per_image_j": e, "images": s["images"],
-                "energy_source": None if e is None else (
-                    run.get("energy_method") or "counter") + (", short segment" if s["short"]
-                                                               else ""),
+                "energy_source": seg_energy[k][1] if e is not None else None,
                 "short": s["short"], "windows": None, "short_windows": None,
-                "energy_unavailable": s["energy_unavailable"] if e is None else None})
+                "energy_unavailable": None if e is not None else (
+                    seg_energy[k][2] or s["energy_unavailable"])})
     else:
         images = run.get("images")
         met["time_per_image_ms"] = None if _div(run.get("time_s"), images) is None else \
             1000.0 * _div(run.get("time_s"), images)
         met["throughput_img_s"] = run.get("throughput_img_s")
-        met["energy_per_image_j"] = run.get("energy_per_image_j")
+        met["energy_per_image_j"] = _div(run_energy, images)
         met["cpu_energy_per_image_j"] = _div(run.get("cpu_energy_j"), images)
         met["sampled_energy_per_image_j"] = _div(run.get("sampled_energy_j"), images)
         if r.mode == "sequential":
@@ -975,7 +1007,7 @@ def _bars(ax, labels: List[str], values: List[Optional[float]], reasons: List[st
     ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel(unit)
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -1042,7 +1074,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("peak memory (GiB)")
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
     ax.set_title("whole run", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[1]:  # under the axis: the bars keep their room
@@ -1127,7 +1159,7 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
     ax.set_xlim(-0.6, len(runs) - 0.4)
     ax.set_xlabel("run (training mode)", fontsize=9)
     ax.set_ylabel("GPU energy per image pair (J)")
-    ax.set_ylim(0, top * 1.18)
+    ax.set_ylim(0, top * 1.18 if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -688,3 +688,48 @@ def test_md_table_ratio_of_a_missing_value_is_a_bare_na():
     assert "| b | n/a (not timed) | n/a |" in md
     assert "| a | 2.0 | n/a (" in md
     assert notes == ["baseline not timed", "not timed"]
+
+
+@pytest.mark.parametrize("samples", [False, True])
+def test_short_measured_run_never_reports_counter_zero(monkeypatch, tmp_path, samples):
+    """A measured stretch shorter than the counter's 100 ms update reads 0 J from the counter:
+    the report takes the power-sample integral when there is one, else n/a with the reason."""
+    from fake_nvml import FakeClock, FakeCudaMemory, FakeGPU, FakeNVML
+
+    from profiling.energy import EnergyMeter
+    from profiling.memory import MemoryMeter
+    from profiling.profiler import Profiler
+
+    clock = FakeClock(1000.05)  # mid-way between two counter updates
+    fake = FakeNVML([FakeGPU(clock, 300.0)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake.module)
+    em = EnergyMeter([0], clock=clock, sample_interval_s=1.0 if samples else None, cpu=False,
+                     sync=False)
+    prof = Profiler("cpu", energy_meter=em, memory_meter=MemoryMeter(
+        "cuda", backend=FakeCudaMemory(), nvml=False))
+    with prof.measure():
+        for _ in range(2):
+            with prof.window("step", timed=False):
+                if samples:
+                    em.sample()
+                clock.advance(0.03)
+                if samples:
+                    em.sample()
+            prof.add_images(8)
+    d = tmp_path / "run"
+    prof.save(str(d / "profile.json"), meta={"mode": "e2e"})
+    em.close()
+    seg = json.load(open(d / "profile.json"))["run"]["segments"][0]
+    assert seg["short"] and seg["energy_j"] == 0.0  # what the counter read: nothing
+    rep = write_report([load_run_dir(str(d))], str(tmp_path / "rep"))
+    cells = rep["tables"]["summary"]["rows"][0]["cells"]
+    na = rep["tables"]["summary"]["rows"][0]["na"]
+    if samples:  # 300 W for 60 ms over 16 images
+        assert cells["energy_per_image_j"] == pytest.approx(300 * 0.06 / 16, rel=1e-6)
+        assert cells["mean_power_w"] == pytest.approx(300.0, rel=1e-6)
+        assert "power samples" in rep["runs"][0]["metrics"]["energy_method"]
+    else:
+        assert cells["energy_per_image_j"] is None and cells["mean_power_w"] is None
+        assert "100 ms" in na["energy_per_image_j"]
+        md = open(tmp_path / "rep" / "report.md").read()
+        assert "0.000" not in md.split("## Summary")[1].split("##")[0]

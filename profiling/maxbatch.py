@@ -28,28 +28,35 @@ from profiling.compare import (
 )
 
 
+MIN_BATCH = 2  # the trainer's smallest batch: batch statistics need two rows
+
+
 class ProbeError(RuntimeError):
     """A probe failed for another reason than out of memory: the search cannot go on."""
 
 
-def _round(b: int, g: int) -> int:
-    return max(g, (b // g) * g)
-
-
 def search(probe: Callable[[int], bool], *, start: int, max_batch: int, granularity: int,
-           max_probes: int) -> dict:
+           max_probes: int, min_batch: int = 1) -> dict:
     """Bisection over batch sizes; ``probe(b)`` is True when ``b`` fits, False on OOM.
 
     Returns {"largest_fitting", "smallest_failing", "resolution", "capped", "probes": [b...],
-    "fits": {b: bool}}. ``largest_fitting`` is None when not even ``granularity`` fits;
-    ``capped`` means ``max_batch`` itself fitted (the true limit may be higher).
+    "fits": {b: bool}}. ``largest_fitting`` is None when not even the smallest batch probed fits;
+    ``capped`` means ``max_batch`` itself fitted (the true limit may be higher). No batch below
+    ``min_batch`` (rounded up to a multiple of ``granularity``) is probed: the trainer needs
+    two rows for batch statistics.
     """
     for name, v in (("start", start), ("max_batch", max_batch), ("granularity", granularity),
-                    ("max_probes", max_probes)):
+                    ("max_probes", max_probes), ("min_batch", min_batch)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    if max_batch < granularity:
-        raise ValueError(f"max_batch ({max_batch}) must be >= granularity ({granularity})")
+    smallest = -(-min_batch // granularity) * granularity
+    if max_batch < smallest:
+        raise ValueError(f"max_batch ({max_batch}) must be >= the smallest batch probed, "
+                         f"{smallest} (granularity {granularity}, at least {min_batch})")
+
+    def _round(b: int, g: int) -> int:
+        return max(smallest, (b // g) * g)
+
     fits: Dict[int, bool] = {}
     order: List[int] = []
     lo: Optional[int] = None  # largest fitting
@@ -177,7 +184,8 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         print(f"{mode}:", flush=True)
         try:
             found = search(probe, start=args.start, max_batch=args.max_batch,
-                           granularity=args.granularity, max_probes=args.max_probes)
+                           granularity=args.granularity, max_probes=args.max_probes,
+                           min_batch=MIN_BATCH)
             error = None
         except ProbeError as e:
             found, error = None, str(e)

@@ -372,6 +372,23 @@ def test_search_brackets_the_limit(limit):
         assert all(b % 32 == 0 for b in calls)
 
 
+@pytest.mark.parametrize("limit", [0, 1, 2, 3, 5, 8, 9, 40])
+@pytest.mark.parametrize("granularity", [1, 3])
+def test_search_never_probes_below_min_batch(limit, granularity):
+    """The trainer refuses batch 1 (batch statistics): the search's smallest probe is the
+    smallest multiple of the granularity that is at least min_batch=2."""
+    calls = []
+    r = search(lambda b: calls.append(b) or b <= limit, start=8, max_batch=64,
+               granularity=granularity, max_probes=20, min_batch=2)
+    smallest = 2 if granularity == 1 else 3
+    assert min(calls) >= smallest and all(b % granularity == 0 for b in calls)
+    lf, sf = r["largest_fitting"], r["smallest_failing"]
+    if limit < smallest:
+        assert lf is None and sf == smallest
+    else:
+        assert lf <= limit < sf and sf - lf == granularity
+
+
 def test_search_stops_at_max_probes():
     calls = []
     r = search(lambda b: calls.append(b) or b <= 700, start=256, max_batch=8192,
@@ -381,6 +398,8 @@ def test_search_stops_at_max_probes():
     assert r["resolution"] > 32
     with pytest.raises(ValueError, match="granularity"):
         search(lambda b: True, start=8, max_batch=16, granularity=32, max_probes=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        search(lambda b: True, start=1, max_batch=1, granularity=1, max_probes=3, min_batch=2)
 
 
 def test_maxbatch_outputs(tmp_path):

@@ -77,16 +77,67 @@ def resolve_config(given: Dict[str, Any]) -> Config:
     return Config(**given)
 
 
+#: files whose presence means a directory already holds a run
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.jsonl")
+
+
+def _claim_default_out() -> str:
+    """runs/<timestamp>, created here; a suffix when another run took that second."""
+    base = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    os.makedirs("runs", exist_ok=True)
+    for i in range(1, 1000):
+        out = base if i == 1 else f"{base}-{i}"
+        try:
+            os.mkdir(out)
+            return out
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: 999 runs started in this second; pass --out")
+
+
+def _existing_run_problem(cfg: Config, out: str) -> Optional[str]:
+    """Why a fresh run may not use ``out`` (it holds a run), or None."""
+    if cfg.resume or not os.path.isdir(out):
+        return None
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if not found:
+        return None
+    return (f"--out {out!r} already holds a run ({', '.join(found)}); a new run would overwrite "
+            f"it. Continue it with --resume {out}, or choose another --out")
+
+
 def _resolve_out(cfg: Config, info: DistInfo) -> str:
-    out = cfg.out
-    if out is None:
-        out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        if info.enabled:  # every rank must use rank 0's timestamp
-            import torch.distributed as dist
-            box = [out]
-            dist.broadcast_object_list(box, src=0)
-            out = box[0]
+    """The run directory: rank 0 decides (and claims the default one); every rank gets its
+    answer, or the same error."""
+    out, problem = cfg.out, None
+    if info.is_main:
+        if out is None:
+            out = _claim_default_out()
+        problem = _existing_run_problem(cfg, out)
+    if info.enabled:
+        import torch.distributed as dist
+        box = [out, problem]
+        dist.broadcast_object_list(box, src=0)
+        out, problem = box
+    if problem:
+        raise ValueError(problem)
     return out
+
+
+def _config_record(cfg: Config, out: str, record: Dict[str, Any]) -> Dict[str, Any]:
+    """config.json's content; on resume the earlier invocations are kept under "previous"."""
+    path = os.path.join(out, "config.json")
+    if cfg.resume and os.path.isfile(path):
+        import json
+        try:
+            with open(path, encoding="utf-8") as fh:
+                prev = json.load(fh)
+        except (OSError, ValueError):
+            prev = None
+        if isinstance(prev, dict):
+            record["previous"] = list(prev.get("previous") or []) + [
+                {k: prev.get(k) for k in ("command", "started", "config")}]
+    return record
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -104,13 +155,13 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
     except (ValueError, TypeError, FileNotFoundError) as err:
         raise _Exit(EXIT_BAD_INPUT, f"error: {err}") from None
     if main:
-        atomic_write_json(os.path.join(cfg.out, "config.json"), {
+        atomic_write_json(os.path.join(cfg.out, "config.json"), _config_record(cfg, cfg.out, {
             "config": cfg.to_dict(), "recipe": cfg.recipe_name(), "world_size": info.world_size,
             "versions": versions(), "command": sys.argv,
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "fused_kernels_used": trainer.fused, "loss_uses_kernel": trainer.loss_fn.use_kernel,
             "train_images": len(trainer.bundle.train_ssl), "steps_per_epoch": trainer.steps_per_epoch,
-            "total_steps": trainer.total_steps()})
+            "total_steps": trainer.total_steps()}))
     say(config_mod.describe(cfg))
     say(f"{cfg.mode}: {cfg.arch} on {cfg.dataset} ({len(trainer.bundle.train_ssl)} training "
         f"images, {cfg.image_size} px), global batch {cfg.batch_size} over {info.world_size} "
@@ -130,6 +181,12 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
             trainer.prof.save(os.path.join(cfg.out, "profile.json"), meta=meta)
             summary["profile"] = os.path.join(cfg.out, "profile.json")
         summary["export"] = _export(trainer) if main else None
+        if info.enabled:
+            # training is over on every rank: leave the job now, so that the other ranks do not
+            # sit in a collective (NCCL times out after 10 minutes) while rank 0 probes alone
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
         probe = None
         if cfg.probe_epochs > 0 and main:
             t_probe = time.perf_counter()
@@ -137,9 +194,6 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
                               meta={"step": trainer.state.step})
             probe["probe_time_s"] = time.perf_counter() - t_probe  # both probes, incl. features
             atomic_write_json(os.path.join(cfg.out, PROBE), probe)
-        if info.enabled:
-            import torch.distributed as dist
-            dist.barrier()  # the other ranks wait for rank 0's probe
     except _Exit:
         raise
     except BaseException as err:

@@ -179,6 +179,12 @@ def test_resume_continues_and_rejects_changed_training_flags(tmp_path, capsys):
     code, _, err = run_main(TINY + ["--max-steps", "2", "--probe-epochs", "0", "--out", tmp_path],
                             capsys)
     assert code == 0, err
+    first_command = json.loads((tmp_path / "config.json").read_text())["command"]
+    # a fresh run into the same directory would overwrite it: refused, nothing touched
+    before = {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES}
+    code, _, err = run_main(TINY + ["--max-steps", "1", "--out", tmp_path], capsys)
+    assert code == 2 and "already holds a run" in err and "--resume" in err
+    assert {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES} == before
     code, _, err = run_main(["--resume", tmp_path, "--lr", "0.5"], capsys)
     assert code == 2 and "differs from the resumed run" in err
     code, out, err = run_main(["--resume", tmp_path, "--probe-epochs", "0"], capsys)
@@ -187,6 +193,8 @@ def test_resume_continues_and_rejects_changed_training_flags(tmp_path, capsys):
     assert ckpt["state"]["step"] == 4  # 1 epoch of 32 / 8, continued from step 2
     steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(steps)) == [1, 2, 3, 4]
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert [p["command"] for p in record["previous"]] == [first_command]  # the history is kept
     code, _, err = run_main(["--resume", tmp_path / "nowhere"], capsys)
     assert code == 2 and "no checkpoint" in err
 
@@ -216,3 +224,18 @@ def test_help_lists_every_setting(capsys):
     for f in fields(Config):
         assert f"--{f.name.replace('_', '-')}" in text
     assert "--no-fused" in text and "--no-small-stem" in text
+
+
+def test_default_run_directories_never_collide(tmp_path, monkeypatch):
+    import datetime as real
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2030, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(train.datetime, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    got = [train._claim_default_out() for _ in range(3)]
+    assert got == [os.path.join("runs", "20300102-030405" + s) for s in ("", "-2", "-3")]
+    assert all(os.path.isdir(g) for g in got)

@@ -94,10 +94,29 @@ def test_ddp_gradient_equals_single_process_on_concatenated_batch(tmp_path, use_
                                        msg=lambda m: f"rank {rank}, {name}: {m}")
 
 
+# The CLI, with the process group's timeout cut to 3 s (a stand-in for NCCL's 10 minutes) and
+# rank 0's probe made to last longer than that: no rank may still wait in a collective then.
+_SLOW_PROBE_CLI = """
+import datetime, sys, time
+import torch.distributed as dist
+_init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: _init(*a, timeout=datetime.timedelta(seconds=3), **k)
+from blockwise import train
+_probe = train.run_probe
+def slow_probe(*a, **k):
+    time.sleep(6)
+    return _probe(*a, **k)
+train.run_probe = slow_probe
+sys.exit(train.main())
+"""
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "run"
+    cli = tmp_path / "slow_probe_cli.py"
+    cli.write_text(_SLOW_PROBE_CLI)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", "-m", "blockwise.train", "--device", "cpu",
+           f"--master_port={_free_port()}", str(cli), "--device", "cpu",
            "--dataset", "synthetic", "--image-size", "8", "--synthetic-size", "32",
            "--batch-size", "8", "--projector", "16-16", "--epochs", "1", "--workers", "0",
            "--probe-epochs", "2", "--log-interval", "1", "--mode", "simultaneous",

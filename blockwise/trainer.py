@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -838,13 +839,28 @@ class Trainer:
             "world_size": self.dist.world_size,
         }
 
+    def _rng_per_rank(self) -> Optional[List[Dict]]:
+        """Every rank's generator state (collective: call on every rank), or None alone.
+        Each rank draws its own noise, so a resume restores each rank's own stream."""
+        if not self.dist.enabled:
+            return None
+        states: List[Optional[Dict]] = [None] * self.dist.world_size
+        dist.all_gather_object(states, rng_state())
+        return states
+
     def save_checkpoint(self) -> Optional[str]:
         """checkpoint.pt in the run directory, atomically (rank 0); only after a finite loss."""
         self._check_finite()
-        if not self.cfg.checkpoint or not self.is_main:
+        if not self.cfg.checkpoint:
+            return None
+        per_rank = self._rng_per_rank()
+        if not self.is_main:
             return None
         path = os.path.join(self.run_dir, CHECKPOINT)
-        atomic_torch_save(self.state_dict(), path)
+        sd = self.state_dict()
+        if per_rank is not None:
+            sd["rng_per_rank"] = per_rank
+        atomic_torch_save(sd, path)
         self.last_checkpoint = f"{path} (step {self.state.step})"
         return path
 
@@ -861,6 +877,15 @@ class Trainer:
                     self.optimizers[k].load_state_dict(ckpt["optimizers"][k])
         self.state = st
         rng = ckpt["rng"]
+        saved_world = ckpt.get("world_size", 1)
+        per_rank = ckpt.get("rng_per_rank")
+        if saved_world != self.dist.world_size:
+            warnings.warn(f"resuming a {saved_world}-process run on {self.dist.world_size} "
+                          "process(es): the global batches are the same, but the blocks' batch "
+                          "statistics and the noise streams are split differently, so the "
+                          "continuation is not exact", RuntimeWarning, stacklevel=2)
+        elif per_rank is not None:
+            rng = per_rank[self.dist.rank]
         if rng.get("cuda") is not None and self.device.type == "cuda":
             rng = {**rng, "cuda": [s.cpu() for s in rng["cuda"]]}
         rng = {**rng, "torch": rng["torch"].cpu()}

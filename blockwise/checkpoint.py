@@ -9,30 +9,25 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
+
+from profiling._io import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 SCHEMA = "blockwise.checkpoint/1"
 
 
 def _atomic(path: str, write: Callable[[Any], None], mode: str = "wb") -> str:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, mode) as fh:
+    def to_file(tmp: str) -> None:
+        with open(tmp, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, to_file)
     return path
 
 

@@ -822,8 +822,21 @@ class Trainer:
         path = os.path.join(self.run_dir, METRICS)
         if not os.path.exists(path):
             return
+        lines, torn = [], 0
         with open(path) as fh:
-            lines = [l for l in fh if l.strip() and json.loads(l)["step"] <= self.state.step]
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):  # e.g. cut short by a kill mid-write
+                    torn += 1
+                    continue
+                if step <= self.state.step:
+                    lines.append(line if line.endswith("\n") else line + "\n")
+        if torn:
+            warnings.warn(f"{path}: dropped {torn} unreadable line(s) (a write cut short when the "
+                          "run was stopped)", RuntimeWarning, stacklevel=2)
         atomic_write_lines(path, lines)
 
     # ---- checkpoints -------------------------------------------------------------------------

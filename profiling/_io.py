@@ -20,6 +20,13 @@ def _tmp_path(path: str, suffix: str = "") -> str:
     return tmp
 
 
+def _file_mode() -> int:
+    """What open() would give a new file: 0o666 less the process umask (mkstemp gives 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
@@ -28,7 +35,7 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
     tmp = _tmp_path(path, suffix)
     try:
         write(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -514,16 +514,20 @@ class Trainer:
                     self._begin_block(b)
                 total, warmup = self.plan(b)
                 measuring = False
+                # warm-up counts steps run by this process in this phase: a resumed run starts
+                # cold (kernels to compile, allocator empty) whatever step it resumes at
+                here0 = st.block_step
                 with contextlib.ExitStack() as measured:
                     while st.block_step < total and not self.capped():
                         for x1, x2 in self._batches():
                             if self.prof.enabled and not measuring \
-                                    and st.block_step >= cfg.profile_warmup:
+                                    and st.block_step - here0 >= cfg.profile_warmup:
                                 # the first profile_warmup steps of each phase stay outside
                                 measured.enter_context(self.prof.measure())
                                 measuring = True
                             lr = optim.warmup_cosine(st.block_step, total, warmup, self.base_lr)
-                            if self.prof.enabled and st.block_step == cfg.profile_warmup - 1:
+                            if self.prof.enabled and \
+                                    st.block_step - here0 == cfg.profile_warmup - 1:
                                 # the last warm-up step: outside the measured part, so the
                                 # counter's per-op overhead costs no measured time
                                 with FlopCounterMode(display=False) as counter:

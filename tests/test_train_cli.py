@@ -103,6 +103,19 @@ def test_profile_writes_the_windows_of_the_interface(tmp_path, mode, capsys):
             assert w["peak_allocated_gib"] > 0, name
 
 
+def test_profile_on_resume_warms_up_in_this_process(tmp_path, capsys):
+    """Warm-up is counted in steps this process ran: a resumed run is cold at its first step."""
+    code, _, err = run_main(TINY + ["--mode", "e2e", "--max-steps", "1", "--probe-epochs", "0",
+                                    "--out", tmp_path], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["--resume", tmp_path, "--profile", "--profile-warmup", "1",
+                             "--probe-epochs", "0"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "profile.json").read_text())["meta"]
+    assert meta["measured_steps"] == 2  # steps 2, 3, 4 of 4: one warm-up, two measured
+    assert meta["flops_per_step"][0] > 0  # counted in the warm-up step
+
+
 def test_profile_phases_times_every_window(tmp_path, capsys):
     code, out, err = run_main(TINY + ["--mode", "simultaneous", "--profile", "--profile-phases",
                                       "--profile-warmup", "1", "--probe-epochs", "0",

@@ -415,7 +415,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
                   "probe_batch_size", "probe_control", "profile", "profile_warmup", "profile_phases",
                   "checkpoint", "activation_checkpointing", "checkpoint_blocks",  # exact
+                  "split_views",  # exact
                   "loss_cuda_graphs",
+                  "data_dir", "download",  # the same data, moved or fetched again
                   "out", "resume")
 
 
@@ -426,6 +428,8 @@ def merge_for_resume(saved: Dict[str, Any], given: Dict[str, Any]) -> Config:
     # a cap belongs to the invocation that set it: the resumed run goes on to the end unless
     # --max-steps is given again
     values["max_steps"] = None
+    if given.get("activation_checkpointing") is False and "checkpoint_blocks" not in given:
+        values["checkpoint_blocks"] = None  # the saved block choice goes with the option
     trial = Config(**{**values, **given})  # resolves the given values the same way
     for name in given:
         if name in RESUME_MUTABLE:

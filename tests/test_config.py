@@ -88,3 +88,17 @@ def test_resume_merge_rules():
     assert same.batch_size == saved["batch_size"]
     with pytest.raises(ValueError, match="--batch-size 64 differs from the resumed run's 128"):
         C.merge_for_resume(saved, {"resume": "x", "batch_size": 64})
+
+
+def test_resume_may_change_exact_options_and_move_the_data(tmp_path):
+    saved = Config(device="cpu", activation_checkpointing=True, checkpoint_blocks="1").to_dict()
+    off = C.merge_for_resume(saved, {"resume": "x", "activation_checkpointing": False})
+    assert not off.activation_checkpointing and off.checkpoint_blocks is None
+    split = C.merge_for_resume(saved, {"resume": "x", "split_views": True})
+    assert split.split_views and split.checkpoint_blocks == saved["checkpoint_blocks"]
+    d = tmp_path / "moved"
+    (d / "train").mkdir(parents=True)
+    (d / "val").mkdir()
+    folder = {**saved, "dataset": "imagefolder", "data_dir": str(tmp_path / "gone")}
+    moved = C.merge_for_resume(folder, {"resume": "x", "data_dir": str(d)})
+    assert moved.data_dir == str(d)

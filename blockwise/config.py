@@ -256,6 +256,9 @@ class Config:
         _positive("probe_batch_size", self.probe_batch_size)
         _positive("log_interval", self.log_interval)
         _positive("profile_warmup", self.profile_warmup, zero_ok=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32), got {self.seed!r}")
         if self.pool_window is not None:
             _positive("pool_window", self.pool_window)
         if self.max_steps is not None:

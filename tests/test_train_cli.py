@@ -142,6 +142,7 @@ BAD = [
     (["--projector", "8192-x"], "expected widths separated by '-'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--synthetic-size", "4"], "fewer than one batch"),
+    (["--seed", "100000000000000000000"], "--seed must be an integer in [0, 2**32)"),
 ]
 
 

@@ -35,6 +35,7 @@ import glob
 import os
 import re
 import threading
+import weakref
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,7 +153,9 @@ class _MonotonicCounter:
 class RaplReader:
     """CPU package energy from ``<root>/intel-rapl:<n>/energy_uj`` (AMD's RAPL driver uses the
     same names). Only package domains (``intel-rapl:<n>``) are summed: their subdomains
-    (``intel-rapl:<n>:<m>``: core, uncore, dram) are parts of the package and would count twice.
+    (``intel-rapl:<n>:<m>``: core, uncore, dram) are parts of the package and would count twice,
+    and so would the top-level ``psys`` domain (the whole platform, packages included), which is
+    left out (listed in ``skipped``).
     Since Linux 5.10 ``energy_uj`` is readable by root only (CVE-2020-8694).
     """
 
@@ -162,6 +165,7 @@ class RaplReader:
         self.root = root
         self.domains: List[Tuple[str, str, _MonotonicCounter]] = []  # (name, path, counter)
         self.reason: Optional[str] = None
+        self.skipped: List[str] = []  # top-level domains that are not packages (psys)
         problems = []
         for d in sorted(glob.glob(os.path.join(root, "intel-rapl:*"))):
             if not self._PACKAGE.match(os.path.basename(d)):
@@ -170,6 +174,9 @@ class RaplReader:
             try:
                 name = _read_text(os.path.join(d, "name")) if os.path.exists(
                     os.path.join(d, "name")) else os.path.basename(d)
+                if name.startswith("psys"):
+                    self.skipped.append(name)
+                    continue
                 max_range = int(_read_text(os.path.join(d, "max_energy_range_uj")))
                 int(_read_text(path))
             except (OSError, ValueError) as e:
@@ -226,6 +233,22 @@ class _Open:
 
 
 GpuSpec = Union[int, str, Any]  # NVML index (int), or a CUDA device ("cuda:1", torch.device)
+
+
+def _sampler_loop(ref: "weakref.ref[EnergyMeter]", stop: threading.Event, interval: float) -> None:
+    """The sampler thread: ticks the meter while it exists and is not closed."""
+    while not stop.wait(interval):
+        meter = ref()
+        if meter is None:
+            return
+        meter._tick()
+        del meter  # no strong reference while waiting
+
+
+def _release(stop: threading.Event, nvml: Any) -> None:
+    stop.set()
+    if nvml is not None:
+        _nvml.shutdown(nvml)
 
 
 class EnergyMeter:
@@ -326,10 +349,15 @@ class EnergyMeter:
 
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # a meter dropped without close(): stop its sampler and release NVML when it is
+        # collected (the thread holds only a weak reference, so it does not keep the meter alive)
+        self._finalizer = weakref.finalize(self, _release, self._stop, self._nvml)
         if self.sample_interval_s is not None and (
                 self._sampling or self._counters or self._rapl_ok()):
-            self._thread = threading.Thread(target=self._run, name="EnergyMeter-sampler",
-                                            daemon=True)
+            self._next_poll = self._clock() + self._counter_poll_s
+            self._thread = threading.Thread(
+                target=_sampler_loop, args=(weakref.ref(self), self._stop, self.sample_interval_s),
+                name="EnergyMeter-sampler", daemon=True)
             self._thread.start()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -568,19 +596,18 @@ class EnergyMeter:
             with self._lock:
                 self._sample_locked(self._clock())
 
-    def _run(self) -> None:
-        next_poll = self._clock() + self._counter_poll_s
-        while not self._stop.wait(self.sample_interval_s):
-            try:
-                with self._lock:
-                    t = self._clock()
-                    if self._sampling:
-                        self._sample_locked(t)
-                    if t >= next_poll:
-                        self._poll_counters_locked(t)
-                        next_poll = t + self._counter_poll_s
-            except Exception as e:  # never die silently: info() reports it
-                self.thread_error = f"{type(e).__name__}: {e}"
+    def _tick(self) -> None:
+        """One round of the sampler thread: a power sample, and the counters when due."""
+        try:
+            with self._lock:
+                t = self._clock()
+                if self._sampling:
+                    self._sample_locked(t)
+                if t >= self._next_poll:
+                    self._poll_counters_locked(t)
+                    self._next_poll = t + self._counter_poll_s
+        except Exception as e:  # never die silently: info() reports it
+            self.thread_error = f"{type(e).__name__}: {e}"
 
     # -- windows -------------------------------------------------------------------------------
     def _read_locked(self):
@@ -710,8 +737,7 @@ class EnergyMeter:
             self._stop.set()
             self._thread.join(timeout=5.0)
             self._thread = None
-        if self._nvml is not None and not self._closed:
-            _nvml.shutdown(self._nvml)
+        self._finalizer()  # sets the stop event and shuts NVML down, once
         self._closed = True
 
     def __enter__(self) -> "EnergyMeter":
@@ -720,9 +746,3 @@ class EnergyMeter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):  # best effort; close() is the contract
-        try:
-            if getattr(self, "_thread", None) is not None:
-                self._stop.set()
-        except Exception:
-            pass

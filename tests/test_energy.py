@@ -337,6 +337,7 @@ def test_rapl_packages_with_wraparound(tmp_path, clock, monkeypatch):
     core = _domain(tmp_path, "intel-rapl:0:0", "core", 5)  # a subdomain: must not be counted
     p1 = _domain(tmp_path, "intel-rapl:1", "package-1", 10_000)
     _domain(tmp_path, "intel-rapl-mmio:0", "package-0", 0)  # another interface: ignored
+    psys = _domain(tmp_path, "intel-rapl:2", "psys", 0)  # the platform, packages included
     m = EnergyMeter([], clock=clock, sample_interval_s=None, powercap_root=str(tmp_path),
                     sync=False)
     assert m.cpu_available and m.cpu_unavailable is None
@@ -345,6 +346,7 @@ def test_rapl_packages_with_wraparound(tmp_path, clock, monkeypatch):
     (p0 / "energy_uj").write_text("500\n")  # wrapped: 1_000 to the top, then 500
     (p1 / "energy_uj").write_text("12000\n")
     (core / "energy_uj").write_text("900000\n")
+    (psys / "energy_uj").write_text("700000\n")
     r = m.end("w")
     assert r.cpu_energy_j == pytest.approx((1_000 + 500 + 2_000) / 1e6)
     assert r.cpu_unavailable is None
@@ -387,3 +389,27 @@ def test_boundaries_in_a_burst_share_one_counter_read(monkeypatch, clock):
     assert r.energy_j == pytest.approx(100.0)
     with pytest.raises(ValueError, match="counter_reuse_s"):
         meter(clock, counter_reuse_s=-1)
+
+
+def test_a_meter_dropped_without_close_stops_sampling_and_releases_nvml(monkeypatch):
+    """The sampler thread holds only a weak reference: a meter nobody closed is collected, its
+    thread ends and NVML is shut down (a sweep that builds a meter per run leaked threads)."""
+    import gc
+    import threading
+
+    fake = install(monkeypatch, FakeGPU(time.perf_counter, 200.0))
+    for _ in range(3):
+        m = EnergyMeter([0], cpu=False, sync=False, sample_interval_s=0.005)
+        time.sleep(0.02)
+        assert m.power_trace() is not None  # it was sampling
+        del m
+    gc.collect()
+    deadline = time.time() + 5
+    while time.time() < deadline and any(t.name == "EnergyMeter-sampler"
+                                         for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert not any(t.name == "EnergyMeter-sampler" for t in threading.enumerate())
+    assert fake.shutdown_count == 3
+    calls = fake.calls
+    time.sleep(0.05)
+    assert fake.calls == calls  # nobody polls NVML any more

@@ -64,6 +64,7 @@ class GpuEnergy:
     mean_power_w: Optional[float]
     sampled_energy_j: Optional[float]  # power-sampling integral of the same window, if sampled
     counter_reset: bool  # the NVML counter reset inside the window (energy_j is then sampled)
+    method: Optional[str] = None  # where energy_j comes from: "counter" | "sampling" | None
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class EnergyWindow:
     energy_j: Optional[float]  # GPUs, by ``method``; None = not measured (see gpu_unavailable)
     mean_power_w: Optional[float]
     sampled_energy_j: Optional[float]  # GPUs, power-sampling integral (cross-check)
-    method: Optional[str]  # "counter" | "sampling" | None
+    # "counter" | "sampling" | None; "sampling" also where the counter method fell back to the
+    # power samples (a failed counter read, a counter reset), "counter+sampling" where GPUs differ
+    method: Optional[str]
     short: bool  # shorter than the method's update period: energy_j is a coarse estimate
     counter_reset: bool
     cpu_energy_j: Optional[float]  # CPU packages (RAPL); None = not measured
@@ -518,7 +521,10 @@ class EnergyMeter:
     @property
     def min_window_s(self) -> float:
         """Windows shorter than this are flagged ``short``."""
-        if self.method == "sampling":
+        return self._min_window_for(self.method)
+
+    def _min_window_for(self, method: Optional[str]) -> float:
+        if method is not None and "sampling" in method:
             period = self.sample_interval_s or COUNTER_UPDATE_S
             return max(2.0 * period, COUNTER_UPDATE_S)
         return COUNTER_UPDATE_S
@@ -651,31 +657,36 @@ class EnergyMeter:
             if cum is not None and o.cum_j is not None:
                 sampled = cum[g] - o.cum_j[g]
             reset = False
+            method = self.method
             if self.method == "counter":
                 c0 = o.counter_mj[g] if o.counter_mj else None
                 c1 = counters[g] if counters else None
-                if c0 is None or c1 is None:
-                    energy = sampled
+                if c0 is None or c1 is None:  # a counter read failed: the samples stand in
+                    energy, method = sampled, "sampling"
                     if energy is None:
                         failed = f"GPU {idx}: NVML energy counter read failed"
                 else:
                     energy = (c1 - c0) / 1000.0
                     if resets[g] != o.resets[g]:
                         reset = True
-                        energy = sampled if sampled is not None else energy
+                        if sampled is not None:
+                            energy, method = sampled, "sampling"
             elif self.method == "sampling":
                 energy = sampled
             else:
                 energy = None
             any_reset |= reset
             power = energy / time_s if energy is not None and time_s > 0 else None
-            gpus.append(GpuEnergy(idx, name, energy, power, sampled, reset))
+            gpus.append(GpuEnergy(idx, name, energy, power, sampled, reset,
+                                  method if energy is not None else None))
         if gpus and all(x.energy_j is not None for x in gpus):
             energy_j: Optional[float] = sum(x.energy_j for x in gpus)  # type: ignore[misc]
             gpu_reason = None
         else:
             energy_j = None
             gpu_reason = self.gpu_unavailable or failed or "GPU energy not measured"
+        methods = sorted({x.method for x in gpus if x.method is not None})
+        window_method = "+".join(methods) if energy_j is not None and methods else None
         sampled_all = None
         if gpus and all(x.sampled_energy_j is not None for x in gpus):
             sampled_all = sum(x.sampled_energy_j for x in gpus)  # type: ignore[misc]
@@ -693,8 +704,8 @@ class EnergyMeter:
             energy_j=energy_j,
             mean_power_w=energy_j / time_s if energy_j is not None and time_s > 0 else None,
             sampled_energy_j=sampled_all,
-            method=self.method if energy_j is not None else None,
-            short=energy_j is not None and time_s < self.min_window_s,
+            method=window_method,
+            short=energy_j is not None and time_s < self._min_window_for(window_method),
             counter_reset=any_reset,
             cpu_energy_j=cpu_j,
             gpus=tuple(gpus),

@@ -312,6 +312,7 @@ class Profiler:
             "cpu_energy_j": e.cpu_energy_j,
             "short": e.short,
             "counter_reset": e.counter_reset,
+            "energy_method": e.method,
             "peak_allocated_gib": m.peak_allocated_gib,
             "peak_reserved_gib": m.peak_reserved_gib,
             "nvml_used_gib": m.nvml_used_gib,
@@ -382,7 +383,10 @@ class Profiler:
             "images": images,
             "throughput_img_s": images / time_s if time_s and images else None,
             "energy_j": energy,
-            "energy_method": self.energy.method if energy is not None else None,
+            # the meter's method, or what its windows fell back to (a failed counter read)
+            "energy_method": ("+".join(sorted({m for s in segs for m in
+                                               (s["energy_method"] or "").split("+") if m}))
+                              or self.energy.method) if energy is not None else None,
             "energy_per_image_j": energy / images if energy is not None and images else None,
             "mean_power_w": energy / time_s if energy is not None and time_s else None,
             "cpu_energy_j": total("cpu_energy_j"),

@@ -812,9 +812,11 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "Ratios ('x e2e') divide by the baseline run: "
         + (f"{base.label!r}." if base else "none (no e2e run), so ratios are n/a."),
     ]
-    if any(r.profile and r.profile["run"].get("energy_method") == "sampling" for r in runs):
-        notes.append("At least one run measured energy by power sampling (the total-energy "
-                     "counter was not supported).")
+    if any(r.profile and "sampling" in (r.profile["run"].get("energy_method") or "")
+           for r in runs):
+        notes.append("At least one run measured energy, in whole or in part, by power sampling "
+                     "(the total-energy counter was not supported, or a read of it failed or "
+                     "it reset inside a window).")
     return notes
 
 

@@ -413,3 +413,39 @@ def test_a_meter_dropped_without_close_stops_sampling_and_releases_nvml(monkeypa
     calls = fake.calls
     time.sleep(0.05)
     assert fake.calls == calls  # nobody polls NVML any more
+
+
+def test_failed_counter_read_falls_back_to_samples_and_says_so(monkeypatch, clock):
+    """A counter read that fails at a window boundary: the power-sample integral stands in, and
+    the window (and the GPU) says "sampling", not "counter"."""
+    gpu = FakeGPU(clock, 200.0)
+    install(monkeypatch, gpu)
+    m = meter(clock, sample_interval_s=0.5)
+    assert m.method == "counter"
+    with m.window("ok") as w0:
+        clock.advance(1.0)
+        m.sample()
+    assert w0.result.method == "counter" and w0.result.gpus[0].method == "counter"
+    m.begin("w")
+    clock.advance(1.0)
+    m.sample()
+    gpu.counter_supported = False  # the read at the window's end fails
+    clock.advance(1.0)
+    m.sample()
+    r = m.end("w")
+    m.close()
+    assert r.energy_j == pytest.approx(400.0, rel=1e-6)
+    assert r.method == "sampling" and r.gpus[0].method == "sampling"
+    assert not r.short
+
+
+def test_failed_counter_read_without_samples_is_unmeasured(monkeypatch, clock):
+    gpu = FakeGPU(clock, 200.0)
+    install(monkeypatch, gpu)
+    m = meter(clock)
+    m.begin("w")
+    gpu.counter_supported = False
+    clock.advance(1.0)
+    r = m.end("w")
+    assert r.energy_j is None and r.method is None
+    assert "counter read failed" in r.gpu_unavailable

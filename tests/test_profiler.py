@@ -140,6 +140,29 @@ def test_with_fake_gpu_meters(monkeypatch, tmp_path):
     assert p["environment"]["driver"] == "999.99"
 
 
+def test_run_energy_method_names_a_fallback_to_samples(monkeypatch):
+    """A segment whose counter read failed took the power samples: the run's energy_method
+    says so ("counter+sampling"), and so does each segment."""
+    clock = FakeClock()
+    gpu = FakeGPU(clock, 250.0)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([gpu]).module)
+    energy = EnergyMeter(clock=clock, sample_interval_s=0.05, cpu=False, sync=False)
+    prof = Profiler("cpu", energy_meter=energy, memory_meter=MemoryMeter("cpu"))
+    for fail in (False, True):
+        with prof.measure():
+            clock.advance(0.5)
+            energy.sample()
+            gpu.counter_supported = not fail
+            clock.advance(0.5)
+            energy.sample()
+            prof.add_images(8)
+    p = prof.summary({"mode": "e2e"})
+    prof.close()
+    assert [s["energy_method"] for s in p["run"]["segments"]] == ["counter", "sampling"]
+    assert p["run"]["energy_method"] == "counter+sampling"
+    assert p["run"]["energy_j"] == pytest.approx(250.0 * 2.0, rel=0.05)
+
+
 def test_measure_cannot_nest_and_windows_are_checked():
     prof = Profiler("cpu")
     with prof.measure():

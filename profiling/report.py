@@ -497,6 +497,7 @@ SUMMARY_COLUMNS = [
     ("energy_per_image_j", "energy/pair (J)", "{:.3f}", True),
     ("mean_power_w", "mean power (W)", "{:.0f}", True),
 ]
+SIG = "sig"  # a column format: 3 significant digits, whole numbers from 100 up (see _sig)
 BREAKDOWN_COLUMNS = [
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
     ("parameters_gib", "parameters (GiB)", "{:.2f}", True),
@@ -504,8 +505,8 @@ BREAKDOWN_COLUMNS = [
     ("rest_at_peak_gib", "activations, gradients, workspace (GiB)", "{:.2f}", True),
 ]
 ARITHMETIC_COLUMNS = [
-    ("gflop_per_pair", "GFLOP/pair (matmul + conv)", "{:.1f}", True),
-    ("achieved_tflops", "achieved TFLOP/s per GPU", "{:.1f}", True),
+    ("gflop_per_pair", "GFLOP/pair (matmul + conv)", SIG, True),
+    ("achieved_tflops", "achieved TFLOP/s per GPU", SIG, True),
 ]
 DETAIL_COLUMNS = [
     ("nvml_used_gib", "NVML used (GiB)", "{:.2f}", True),
@@ -518,7 +519,7 @@ DETAIL_COLUMNS = [
 ]
 BLOCK_COLUMNS = [
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
-    ("gflop_per_pair", "GFLOP/pair", "{:.1f}", True),
+    ("gflop_per_pair", "GFLOP/pair", SIG, True),
     ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
     ("energy_per_image_j", "energy/pair (J)", "{:.4f}", True),
     ("energy_source", "energy from", "{}", False),
@@ -526,6 +527,8 @@ BLOCK_COLUMNS = [
 
 
 def _fmt(value: Any, fmt: str) -> str:
+    if fmt == SIG:  # figures that span orders of magnitude (a CPU's TFLOP/s is 0.0x)
+        return _sig(float(value))
     if isinstance(value, float) and fmt == "{:d}":
         fmt = "{:.0f}"
     return fmt.format(value)
@@ -950,7 +953,10 @@ def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
                 cells.append(f"n/a ({_short(reason)})")
             else:
                 cells.append(fmt.format(v))
-        cells.append(f"{w.get('short_windows', 0)}/{w['count']}" if timed else "n/a (not timed)")
+        # a window is flagged short only when its energy was measured: no energy, no count
+        cells.append("n/a (not timed)" if not timed else
+                     "n/a (no energy)" if energy is None else
+                     f"{w.get('short_windows', 0)}/{w['count']}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines + ["", "Energy of window names most of whose windows are shorter than the "
                     "counter's update: '(sampled)' = power-sample integral, '~' = counter sum "

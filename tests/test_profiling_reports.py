@@ -131,6 +131,18 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert len(cells) == header.count("|") - 1 and float(cells[1]) > 0, cells
     assert "## Not measured" in md and "device is cpu" in md
+    # the per-window tables: no energy, so no count of windows too short for the counter
+    win_rows = [l for l in md.splitlines() if l.startswith("| step |")]
+    assert win_rows and all(l.rstrip(" |").endswith("n/a (no energy)") for l in win_rows), win_rows
+
+
+def test_figures_spanning_orders_of_magnitude_keep_significant_digits():
+    """A CPU's achieved TFLOP/s (0.0x) printed with one decimal read 0.0: unmeasured-looking."""
+    from profiling.report import ARITHMETIC_COLUMNS, _fmt
+    fmt = dict((k, f) for k, _, f, _ in ARITHMETIC_COLUMNS)
+    assert _fmt(0.0234, fmt["achieved_tflops"]) == "0.0234"
+    assert _fmt(412.6, fmt["achieved_tflops"]) == "413"
+    assert _fmt(12.345, fmt["gflop_per_pair"]) == "12.3"
 
 
 def test_peak_memory_breakdown(monkeypatch, tmp_path):

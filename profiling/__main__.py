@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "bench": bench.run}[args.command]
     try:
         return handler(args, extra)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a path that cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,12 @@ def load(path: str) -> Dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise ValueError(f"bench: {path} has no 'benchmarks' list; expected the file written by "
                          "pytest --benchmark-json")
+    for i, b in enumerate(data["benchmarks"]):
+        if not isinstance(b, dict) or any(b.get(k) is not None and not isinstance(b[k], dict)
+                                          for k in ("stats", "extra_info", "params")):
+            raise ValueError(f"bench: {path}: benchmarks[{i}] is not a benchmark record (an "
+                             "object whose stats, extra_info and params are objects); expected "
+                             "the file written by pytest --benchmark-json")
     return data
 
 

@@ -80,6 +80,15 @@ def test_bad_input_clear_errors(tmp_path, capsys):
     junk.write_text(json.dumps({"results": []}))
     with pytest.raises(ValueError, match="no 'benchmarks' list"):
         bench.load(str(junk))
+    for bad in ([1], [{"name": "t", "stats": [0.1]}], [{"name": "t", "extra_info": "x"}]):
+        junk.write_text(json.dumps({"benchmarks": bad}))
+        with pytest.raises(ValueError, match=r"benchmarks\[0\] is not a benchmark record"):
+            bench.load(str(junk))
+        assert main(["bench", str(junk)]) == 2
+    assert "not a benchmark record" in capsys.readouterr().err
+    # a path through a file (NotADirectoryError): a message, not a traceback
+    assert main(["bench", H100_BT, "--out", str(junk / "bt.md")]) == 2
+    assert "error:" in capsys.readouterr().err
     untimed = tmp_path / "untimed.json"
     untimed.write_text(json.dumps({"benchmarks": [{"name": "t", "group": None, "stats": None}]}))
     with pytest.raises(ValueError, match="no timed benchmark"):

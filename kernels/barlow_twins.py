@@ -160,6 +160,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -167,6 +168,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -384,7 +386,7 @@ def _gram_store(acc_a, acc_b, ga_ptr, gb_ptr, dga_ptr, dgb_ptr, part_ptr, slot, 
     as zeros in G (module docstring, Numerics); the loss partial above still uses them."""
     w = 1.0
     if SYM:
-        w = 1.0 + (ti != tj).to(tl.float32)
+        w = 1.0 + (ti != tj).to(acc_a.dtype)  # the accumulator's dtype: fp64 stays fp64
     tl.store(part_ptr + slot, coef * w * tl.sum(tl.sum(acc_a * acc_b, 1), 0))
     m = rmask[:, None] & cmask[None, :]
     o = rows[:, None].to(tl.int64) * N + cols[None, :]
@@ -1385,7 +1387,7 @@ def barlow_twins_bwd(st: _State, grad_loss: torch.Tensor, need: Tuple[bool, bool
 # ----------------------------------------------------------------------------------------------
 
 
-def _validate(z1, z2, lambd, scale, eps, method) -> None:
+def _validate(z1, z2, lambd, scale, eps, method, group=None) -> None:
     check_float(_OP, "z1", z1)
     check_float(_OP, "z2", z2)
     if z1.dtype != z2.dtype:
@@ -1396,8 +1398,10 @@ def _validate(z1, z2, lambd, scale, eps, method) -> None:
     if z1.shape != z2.shape:
         raise ValueError(f"{_OP}: z1 and z2 must have the same shape, got {tuple(z1.shape)} "
                          f"and {tuple(z2.shape)}")
-    if z1.shape[0] < 2:
-        raise ValueError(f"{_OP}: batch statistics need N >= 2 rows, got N = {z1.shape[0]}")
+    if z1.shape[0] < 2 and z1.shape[0] * _resolve_group(group).world < 2:
+        # the statistics are over the global batch: one row per rank is enough under DDP
+        raise ValueError(f"{_OP}: batch statistics need N >= 2 rows (over all ranks), got "
+                         f"N = {z1.shape[0]}")
     if z1.shape[1] < 1:
         raise ValueError(f"{_OP}: need D >= 1 features, got D = {z1.shape[1]}")
     _check_hparams(lambd, scale, eps, method)
@@ -1408,8 +1412,12 @@ def _check_hparams(lambd, scale, eps, method) -> None:
     if method not in METHODS:
         raise ValueError(f"{_OP}: unknown method {method!r}; valid: {', '.join(METHODS)}")
     for name, val in (("lambd", lambd), ("scale", scale), ("eps", eps)):
-        if not isinstance(val, (int, float)) or isinstance(val, bool) or not math.isfinite(val):
-            raise TypeError(f"{_OP}: {name} must be a finite float, got {val!r}")
+        # any real number (Python, NumPy); not a tensor: the kernels take host scalars
+        if not isinstance(val, numbers.Real) or isinstance(val, bool):
+            raise TypeError(f"{_OP}: {name} must be a real number (int or float), got "
+                            f"{type(val).__name__} {val!r}")
+        if not math.isfinite(val):
+            raise ValueError(f"{_OP}: {name} must be finite, got {val!r}")
     if eps < 0:
         raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
 
@@ -1430,10 +1438,14 @@ class _BarlowTwinsLossFn(torch.autograd.Function):
                                         group, keep_for_backward=keep,
                                         need=tuple(bool(x) for x in ctx.needs_input_grad[:2]))
         ctx.state = st
+        if keep:  # autograd's version counters: z changed in place after this call is an error
+            ctx.save_for_backward(z1, z2)
         return loss
 
     @staticmethod
+    @once_differentiable  # the launchers build no graph: a double backward must raise
     def backward(ctx, grad_loss):
+        ctx.saved_tensors  # raises when z1 or z2 was modified in place since the forward
         st = ctx.state
         need = tuple(bool(x) for x in ctx.needs_input_grad[:2])
         with _on_device(st.z1.device):
@@ -1580,7 +1592,8 @@ def _graph_key(z1, z2, lambd, scale, eps, method) -> tuple:
 
 def _graphs_usable(z1, z2, group) -> bool:
     return (z1.requires_grad and z2.requires_grad and torch.is_grad_enabled()
-            and z1.is_contiguous() and z2.is_contiguous() and not _resolve_group(group).active
+            and z1.is_contiguous() and z2.is_contiguous() and group is None
+            and not _resolve_group(None).active
             and _GRAPHS.backend.usable(z1))
 
 
@@ -1609,6 +1622,7 @@ class _GraphedLossFn(torch.autograd.Function):
         return entry.loss.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         z1, z2 = ctx.saved_tensors
         if ctx.entry is None:
@@ -1640,9 +1654,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
             must pass the same N x D.
         cuda_graphs: replay the whole op (forward and backward launchers, run together in the
             forward) from a CUDA graph per input address, to cut the per-launch host cost at
-            small N (docs/performance.md). Used only on CUDA, single process, when both inputs
-            require grad; otherwise, and on the first call at an address, the launchers run
-            directly. The gradients are computed in the forward at grad_loss = 1 and multiplied
+            small N (docs/performance.md). Used only on CUDA, single process (no group given
+            and torch.distributed not running over several ranks), when both inputs require
+            grad; otherwise, and on the first call at an address, the launchers run directly. The gradients are computed in the forward at grad_loss = 1 and multiplied
             by grad_loss in the backward (exact for grad_loss = 1 or a power of two, otherwise
             one extra rounding in the input dtype). Each graph keeps its buffers (at N=256,
             D=8192, bf16: about 30 MiB) while it is cached (at most 8).
@@ -1658,7 +1672,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     statistics non-finite, so the loss (and the gradients) come back non-finite (NaN); nothing
     raises inside the kernels. Check ``torch.isfinite(loss)`` as for any loss.
     """
-    _validate(z1, z2, lambd, scale, eps, method)
+    _validate(z1, z2, lambd, scale, eps, method, group)
     if cuda_graphs and _graphs_usable(z1, z2, group):
         with _on_device(z1.device):
             return _GraphedLossFn.apply(z1, z2, float(lambd), float(scale), float(eps), method)

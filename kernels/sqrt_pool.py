@@ -4,7 +4,8 @@ Forward:  y[n, c, i, j] = sqrt( sum_{(h, w) in window(i, j)} x[n, c, h, w]^2 + e
 Backward: dx[n, c, h, w] = sum_{windows w containing (h, w)} dy_w * x[n, c, h, w] / y_w,
           and 0 where y_w == 0 (an all-zero window with eps == 0): never NaN or inf.
 
-Padding adds zeros. With eps = 0 and padding = 0 this equals ``F.lp_pool2d(x, 2, k, s)``.
+Padding adds zeros. With eps = 0, padding = 0 and ceil_mode=False this equals
+``F.lp_pool2d(x, 2, k, s)`` (lp_pool2d rescales a window clipped by ceil_mode; this is its sum).
 
 Non-finite inputs (documented behaviour, the same in the kernels and ``sqrt_pool2d_ref``; nothing
 raises): every window holding a NaN gives y = NaN and one holding an inf (and no NaN) y = inf.
@@ -935,7 +936,9 @@ def sqrt_pool2d(x: torch.Tensor, kernel_size=None, stride=None, padding=0, eps: 
     kernel_size, stride, padding: int or (h, w); stride defaults to kernel_size; padding adds
     zeros, at most half the window. ``kernel_size=None`` pools the whole map (N x C x 1 x 1).
     fp32/bf16/fp16/fp64, NCHW or channels_last (the output keeps the input's format).
-    Equals ``F.lp_pool2d(x, 2, kernel_size, stride)`` when eps = 0 and padding = 0, except that
+    Equals ``F.lp_pool2d(x, 2, kernel_size, stride)`` when eps = 0, padding = 0 and ceil_mode is
+    False (with ceil_mode a window clipped at the edge is its true sum here, while lp_pool2d
+    rescales it by the full window's size over the clipped one's), except that
     an all-zero window gets gradient 0 instead of NaN. A NaN (inf) input makes every output
     whose window holds it NaN (inf) and its own gradient NaN; nothing raises (module docstring).
     """

@@ -536,6 +536,43 @@ def test_non_contiguous_inputs(device):
     assert_close(d1, g1, rtol=1e-5, atol=1e-5 * s1, name="dz1")
 
 
+def test_numpy_scalars_are_valid_hyper_parameters(device):
+    np = pytest.importorskip("numpy")
+    z1, z2 = _inputs(8, 5, torch.float32, device)
+    want = barlow_twins_loss(z1, z2, lambd=0.25, scale=2.0)
+    got = BarlowTwinsLoss(lambd=np.float32(0.25), scale=np.int64(2))(z1, z2)
+    assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["gram", "cross"])
+def test_double_backward_and_in_place_changes_raise(method, device):
+    """The backward runs kernels on raw tensors: a second-order gradient would silently drop
+    terms, and z changed in place after the forward would silently change the gradient. Both
+    raise, as the reference does for the second."""
+    z1, z2 = _inputs(6, 7, torch.float32, device)
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    loss = barlow_twins_loss(a, b, method=method)
+    (ga,) = torch.autograd.grad(loss, a, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad|once_differentiable"):
+        torch.autograd.grad(ga.square().sum(), a)
+    x, y = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    p, q = x * 1.0, y * 1.0
+    loss = barlow_twins_loss(p, q, method=method)
+    with torch.no_grad():
+        p.mul_(3.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_fp64_gram_loss_is_fp64_exact(device):
+    """The Gram tiles' off-diagonal weight was fp32: the fp64 loss was off by ~1e-10 even where
+    the scalars stay fp64 (the interpreter; on a GPU Triton passes them as fp32: 1e-7)."""
+    z1, z2 = _inputs(40, 9, torch.float64, device)
+    ref = barlow_twins_loss_ref(z1, z2, 0.0051, 1.0)
+    tol = 1e-13 if device.type == "cpu" else 1e-7
+    assert rel_err(barlow_twins_loss(z1, z2, 0.0051, method="gram"), ref) <= tol
+
+
 def test_bad_input_errors(monkeypatch, device):
     z = torch.randn(8, 5, device=device)
     with pytest.raises(ValueError, match="same shape"):
@@ -554,13 +591,15 @@ def test_bad_input_errors(monkeypatch, device):
         barlow_twins_loss(z, z, method="fast")
     with pytest.raises(ValueError, match="unknown method"):
         BarlowTwinsLoss(method="D2")
-    with pytest.raises(TypeError, match="scale must be a finite float"):
+    with pytest.raises(ValueError, match="scale must be finite"):
         BarlowTwinsLoss(scale=float("inf"))
+    with pytest.raises(TypeError, match="lambd must be a real number"):
+        BarlowTwinsLoss(lambd="0.005")
     with pytest.raises(ValueError, match="eps must be >= 0"):
         BarlowTwinsLoss(eps=-1e-5)
     with pytest.raises(ValueError, match="eps"):
         barlow_twins_loss(z, z, eps=-1.0)
-    with pytest.raises(TypeError, match="lambd"):
+    with pytest.raises(ValueError, match="lambd must be finite"):
         barlow_twins_loss(z, z, lambd=float("nan"))
     with pytest.raises(ValueError, match="one device"):
         barlow_twins_loss(z, torch.randn(8, 5, device="meta"))

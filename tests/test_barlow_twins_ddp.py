@@ -51,6 +51,16 @@ def _worker(rank: int, store_path: str, out_dir: str) -> None:
         singles = [dist.new_group([r]) for r in range(WORLD)]
         out["local"] = barlow_twins_loss(z1[rows], z2[rows], LAMBD, SCALE, method="gram",
                                          group=singles[rank])
+        # ... with cuda_graphs=True too (a capture backend that works on CPU tensors): the
+        # graphed path once ran its launchers on the default (world) group
+        import kernels.barlow_twins as bt
+        from test_barlow_twins_graphs import FakeGraphs
+        bt._GRAPHS.backend = FakeGraphs()
+        out["local_graphs"] = [barlow_twins_loss(
+            z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_(), LAMBD, SCALE,
+            method="gram", group=singles[rank], cuda_graphs=True).detach() for _ in range(3)]
+        # one row per rank: the batch statistics are over the global batch of WORLD rows
+        out["one_row"] = barlow_twins_loss(z1[rank:rank + 1], z2[rank:rank + 1], LAMBD, SCALE)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -81,3 +91,7 @@ def test_ddp_equals_single_process_on_concatenated_batch(tmp_path, monkeypatch):
         local_ref = barlow_twins_loss_ref(z1[rows].double(), z2[rows].double(), LAMBD, SCALE)
         assert rel_err(results[r]["local"], local_ref) <= 1e-5
         assert rel_err(results[r]["local"], ref) > 1e-2  # and it is not the global loss
+        for loss in results[r]["local_graphs"]:
+            assert rel_err(loss, local_ref) <= 1e-5
+        two = barlow_twins_loss_ref(z1[:WORLD].double(), z2[:WORLD].double(), LAMBD, SCALE)
+        assert rel_err(results[r]["one_row"], two) <= 1e-5

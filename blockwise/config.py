@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, get_type_hints
@@ -248,6 +249,13 @@ class Config:
         _positive("noise_std", self.noise_std, zero_ok=True)
         _positive("expander", self.expander, zero_ok=True)
         _positive("warmup_epochs", self.warmup_epochs, zero_ok=True)
+        shortest = min(self.block_epoch_list())
+        if self.warmup_epochs > shortest:
+            raise ValueError(
+                f"--warmup-epochs {self.warmup_epochs:g} is longer than the "
+                + ("shortest block's " if self.mode == "sequential" else "run's ")
+                + f"{shortest} epoch(s): it would be all warm-up, with no cosine decay; valid: "
+                f"0 to {shortest}")
         _positive("num_classes", self.num_classes, minimum=2)
         _positive("synthetic_size", self.synthetic_size)
         _positive("workers", self.workers, zero_ok=True)
@@ -360,6 +368,8 @@ def _choice(name: str, value: str, valid) -> None:
 
 
 def _positive(name: str, value, minimum=None, zero_ok=False, why: str = "") -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"--{_flag(name)} must be a finite number, got {value}")
     if minimum is not None:
         ok = value >= minimum
         need = f">= {minimum}"

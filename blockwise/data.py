@@ -332,12 +332,20 @@ def _build_cifar10(data_dir, image_size, download, synthetic_size, num_classes, 
     if download:
         if data_dir is None or str(data_dir) == "":
             raise ValueError(f"dataset 'cifar10' needs a data directory (--data-dir); {hint}")
-        os.makedirs(data_dir, exist_ok=True)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+        except OSError as err:  # a file in the way, no permission
+            raise FileNotFoundError(f"dataset 'cifar10': cannot create the data directory "
+                                    f"{os.fspath(data_dir)!r} for --download: {err}") from None
     data_dir = _require_dir("cifar10", data_dir, hint)
     try:
         train = tv_datasets.CIFAR10(data_dir, train=True, download=download)
         test = tv_datasets.CIFAR10(data_dir, train=False, download=download)
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
+    except (RuntimeError, OSError) as err:  # "Dataset not found or corrupted", URLError, ...
+        if download:
+            raise FileNotFoundError(f"dataset 'cifar10': --download into {data_dir!r} failed "
+                                    f"({type(err).__name__}: {err}); check the network, or put "
+                                    "torchvision's cifar-10-batches-py/ there yourself") from None
         raise FileNotFoundError(f"dataset 'cifar10': no valid CIFAR-10 (torchvision format, "
                                 f"cifar-10-batches-py/) under {data_dir!r} ({err}); {hint}") from None
     mean, std = CIFAR10_MEAN, CIFAR10_STD

@@ -90,6 +90,28 @@ class DistInfo:
         return self.world_size > 1
 
 
+def build_bundle(cfg: Config, dist_info: DistInfo,
+                 barrier: Optional[Callable[[], None]] = None) -> data.DataBundle:
+    """The datasets of ``cfg``. With ``--download`` under torchrun, one process per machine
+    (local rank 0) downloads while the others wait at a barrier, then read what it fetched:
+    N processes extracting the same archive into one folder at once can corrupt it."""
+    def build(download: bool) -> data.DataBundle:
+        return data.build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, download,
+                                   cfg.synthetic_size, cfg.num_classes, cfg.seed,
+                                   cfg.synthetic_augment)
+
+    if not (cfg.download and dist_info.enabled):
+        return build(cfg.download)
+    barrier = barrier or dist.barrier
+    if dist_info.local_rank == 0:
+        try:
+            return build(True)
+        finally:
+            barrier()  # release the others, also when the download failed (they then fail too)
+    barrier()
+    return build(False)
+
+
 def setup_distributed(device: str) -> DistInfo:
     """Join the torchrun job described by the environment (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -360,9 +382,7 @@ class Trainer:
                                        cuda_graphs=cfg.loss_cuda_graphs)
 
         # ---- data
-        self.bundle = bundle if bundle is not None else data.build_datasets(
-            cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download, cfg.synthetic_size,
-            cfg.num_classes, cfg.seed, cfg.synthetic_augment)
+        self.bundle = bundle if bundle is not None else build_bundle(cfg, self.dist)
         n = len(self.bundle.train_ssl)
         if n < cfg.batch_size:
             raise ValueError(f"the {cfg.dataset} training set has {n} images, fewer than one "

@@ -51,6 +51,13 @@ def test_optimizer_defaults_and_warmup():
     (dict(batch_size=1), "--batch-size must be >= 2"),
     (dict(lr=0.0), "--lr must be > 0"),
     (dict(noise_std=-1.0), "--noise-std must be >= 0"),
+    (dict(lr=float("inf")), "--lr must be a finite number, got inf"),
+    (dict(weight_decay=float("inf")), "--weight-decay must be a finite number"),
+    (dict(warmup_epochs=float("inf")), "--warmup-epochs must be a finite number"),
+    (dict(epochs=10, warmup_epochs=11.0), "--warmup-epochs 11 is longer than the run's 10 "
+                                          "epoch(s): it would be all warm-up"),
+    (dict(mode="sequential", block_epochs="10,2,10,10", warmup_epochs=3.0),
+     "longer than the shortest block's 2 epoch(s)"),
     (dict(steps_per_block=3), "applies to --mode sequential only"),
     (dict(mode="sequential", steps_per_block=0), "--steps-per-block must be > 0"),
     (dict(precision="fp16"), "unknown precision 'fp16'; valid: auto, bf16, fp32"),

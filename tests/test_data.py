@@ -196,6 +196,45 @@ def test_cifar10_missing_data_is_a_clear_error(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_cifar10_download_failures_are_clear_errors(tmp_path, monkeypatch):
+    import urllib.error
+
+    from blockwise import data as data_mod
+
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("x")
+    with pytest.raises(FileNotFoundError, match="cannot create the data directory"):
+        build_datasets("cifar10", in_the_way / "cifar", download=True)
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(data_mod.tv_datasets, "CIFAR10", offline)
+    with pytest.raises(FileNotFoundError, match="--download into .* failed .*URLError.*no route"):
+        build_datasets("cifar10", tmp_path / "cifar", download=True)
+
+
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_download_under_torchrun_happens_once_per_machine(monkeypatch, local_rank):
+    """Local rank 0 downloads before the barrier, the other ranks read after it."""
+    from blockwise import trainer as trainer_mod
+    from blockwise.config import Config
+    from blockwise.trainer import DistInfo, build_bundle
+
+    events = []
+    monkeypatch.setattr(trainer_mod.data, "build_datasets",
+                        lambda name, data_dir, image_size, download, *a: events.append(
+                            ("build", download)) or "bundle")
+    cfg = Config(dataset="cifar10", data_dir="/x", download=True, device="cpu")
+    info = DistInfo(rank=local_rank, world_size=2, local_rank=local_rank)
+    assert build_bundle(cfg, info, barrier=lambda: events.append("barrier")) == "bundle"
+    assert events == ([("build", True), "barrier"] if local_rank == 0
+                      else ["barrier", ("build", False)])
+    events.clear()
+    assert build_bundle(cfg, DistInfo(), barrier=lambda: events.append("barrier")) == "bundle"
+    assert events == [("build", True)]  # a single process: no barrier
+
+
 def test_unknown_dataset_lists_valid_names():
     with pytest.raises(ValueError, match="cifar10.*digits.*imagefolder.*synthetic"):
         build_datasets("mnist")

@@ -143,6 +143,7 @@ BAD = [
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--synthetic-size", "4"], "fewer than one batch"),
     (["--seed", "100000000000000000000"], "--seed must be an integer in [0, 2**32)"),
+    (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
 ]
 
 

@@ -192,7 +192,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         values["device"] = device
         cfg = Config(**values)
         if cfg.probe_epochs <= 0:
-            raise ValueError("--probe-epochs must be > 0")
+            raise ValueError("--probe-epochs must be > 0" if args.probe_epochs is not None else
+                             "the run was saved with --probe-epochs 0 (no probe); pass "
+                             "--probe-epochs N (N > 0) to probe it")
         from blockwise.trainer import initial_blocks
         bundle = data.build_datasets(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.download,
                                      cfg.synthetic_size, cfg.num_classes, cfg.seed,

@@ -65,6 +65,8 @@ def test_probe_cli_on_a_saved_run(tmp_path, capsys):
                                                "--out", tmp_path]]) == 0
     assert not (tmp_path / "probe.json").exists()
     capsys.readouterr()
+    assert probe.main([str(tmp_path)]) == 2  # saved with no probe: say so, name the flag
+    assert "saved with --probe-epochs 0" in capsys.readouterr().err
     assert probe.main([str(tmp_path), "--probe-epochs", "3"]) == 0
     out = capsys.readouterr().out
     assert "random init" in out and "block" in out

@@ -20,7 +20,7 @@ Three recipes:
   default command ``python -m blockwise.train --fused`` then pre-trains and probes within the
   5-minute budget on 2 CPU cores (measured: ``time python -m blockwise.train --fused``, 3 min
   11 s wall, 110 steps in 178 s, on a 2-vCPU VM (AMD EPYC), torch 2.14.1, while
-  other jobs kept the load average near 2). Random-init ResNet features already probe at about 96% on digits,
+  other jobs kept the load average near 2). Random-init ResNet features already probe at about 96-98% on digits,
   so this run shows the pipeline, not a learning gain; the learning check is
   scripts/gpu_learning_check.sh on CIFAR-10-sized data.
 
@@ -103,8 +103,8 @@ class Config:
                                         "Applies to every mode, e2e included")
     checkpoint_blocks: Optional[str] = _f(None, "with --activation-checkpointing: the blocks "
                                           "(1-4, comma-separated) recomputed, e.g. 1: at 224 px "
-                                          "block 1 holds most of a ResNet's activations for the "
-                                          "least compute (default: all four)")
+                                          "block 1 holds about half of a ResNet's activations "
+                                          "for the least compute (default: all four)")
     noise_std: float = _f(0.0, "noise at block outputs during training: x + std * N(0,1) * std(x) "
                           "(the paper uses 0.25; 0 = off)")
     # ---- loss
@@ -147,7 +147,9 @@ class Config:
     steps_per_block: Optional[int] = _f(None, "sequential: train each block this many steps "
                                         "instead of epochs (profiling)")
     warmup_epochs: Optional[float] = _f(None, "linear warm-up epochs before the cosine decay "
-                                        "(default: 10 as the paper, at most a tenth of the run)")
+                                        "(default: 10 as the paper, at most a tenth of the run; "
+                                        "finite, and at most the run's epochs or, in "
+                                        "sequential mode, the shortest block's)")
     max_steps: Optional[int] = _f(None, "stop after this many optimisation steps of the whole run "
                                   "(smoke tests, profiling); the schedule is not shortened")
     # ---- hardware
@@ -165,7 +167,9 @@ class Config:
     out: Optional[str] = _f(None, "run directory (default: runs/<timestamp>)")
     resume: Optional[str] = _f(None, "continue a run: its directory or checkpoint file; settings "
                                "come from its config (flags given again must agree, except "
-                               "max_steps, workers, logging, probe and profiling flags; "
+                               "those that leave the trajectory alone: RESUME_MUTABLE, e.g. "
+                               "max_steps, workers, logging, checkpoint, probe and profiling "
+                               "flags, the exact memory options, --data-dir, --download; "
                                "--max-steps is not inherited)")
     checkpoint: Optional[bool] = _f(None, "write checkpoint.pt every epoch and at the end "
                                     "(default: on, off with --profile)")

@@ -8,8 +8,9 @@
 
 Run directory (--out, default runs/<timestamp>): config.json (resolved settings and versions),
 metrics.jsonl (one record per block per log interval), checkpoint.pt (each epoch and at the end,
-atomically), probe.json, backbone_torchvision.pt (ImageNet stem only), summary.json, and
-profile.json with --profile.
+atomically; off by default with --profile, on with --checkpoint), probe.json,
+backbone_torchvision.pt (ImageNet stem; backbone_small_stem.pt for the small stem),
+summary.json, and profile.json with --profile.
 
 Exit codes: 0 done; 2 bad input (unknown name, missing data, batch too small, non-finite loss:
 a one-line message, no traceback); 3 CUDA out of memory ("out of memory: ..."; nothing

@@ -3,11 +3,11 @@
     python -m profiling compare --modes e2e,simultaneous,sequential --arch resnet50 \\
         --image-size 224 --batch-size 256 --steps 20 --out DIR [-- extra trainer flags]
     python -m profiling maxbatch --modes e2e,sequential --start 256 --out DIR
-    python -m profiling report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python -m profiling report RUN_DIR [RUN_DIR ...] [--out DIR]   (--out needed with several)
     python -m profiling bench BENCH.json [--baseline torch_compile] [--out FILE.md]
 
-Flags this command does not know are passed to every trainer run (``python -m blockwise.train``),
-as are the flags after ``--``.
+``compare`` and ``maxbatch`` pass the flags they do not know, and those after ``--``, to every
+trainer run (``python -m blockwise.train``); ``report`` and ``bench`` refuse unknown flags.
 """
 from __future__ import annotations
 

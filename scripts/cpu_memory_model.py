@@ -22,7 +22,10 @@ activations; its peak in every GPU run so far).
 What it is not: a measurement of a GPU. It counts tensors, not the caching allocator (no
 fragmentation, no cuDNN workspaces), and on the CPU the fused Triton paths (--fused) do not run,
 so heads with an expander hold the PyTorch path's larger per-chunk buffers. Against the H100
-figures of docs/performance.md it predicted e2e within 3% and the blockwise modes 6-8% high.
+figures of docs/performance.md (ResNet-50, 224 px, batch 256, fifth session) it was 12-15% high
+on the blockwise modes without memory options, and with --activation-checkpointing
+--split-views 7-13% low on them and 12% high on e2e: a guide for what to measure, not a
+measurement.
 """
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ class Row:
     peak_mib: Optional[float]
     floor_ms: Optional[float]
     energy_j: Optional[float] = None   # GPU energy per image (pair), where recorded
+    peak_na: str = "not recorded"      # why peak_mib is None (extra_info's peak_unavailable)
 
 
 def _num(v: Any) -> Optional[float]:
@@ -91,7 +92,8 @@ def groups(data: Dict[str, Any]) -> Dict[str, List[Row]]:
             iqr_ms=iqr * 1e3 if iqr is not None else None,
             rounds=int(stats.get("rounds") or 0),
             peak_mib=peak, floor_ms=_num(extra.get("floor_ms")),
-            energy_j=_num(extra.get("energy_per_image_j"))))
+            energy_j=_num(extra.get("energy_per_image_j")),
+            peak_na=str(extra.get("peak_unavailable") or "not recorded")))
     return out
 
 
@@ -106,7 +108,8 @@ def _ratio(v: float) -> str:
 def header(data: Dict[str, Any], path: str) -> List[str]:
     m = data.get("machine_info") or {}
     cpu = (m.get("cpu") or {}).get("brand_raw", "n/a")
-    gpu = m.get("cuda_device") or "n/a (not recorded; files from before this field)"
+    gpu = m.get("cuda_device") or ("no GPU (CPU run)" if m.get("device") == "cpu" else
+                                   "n/a (not recorded; files from before this field)")
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda") if m.get(k))
     commit = data.get("commit_info") or {}
     rev = commit.get("id") if commit.get("id") not in (None, "unknown") else None
@@ -158,9 +161,9 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
             cells = [r.provider, f"{_ms(r.median_ms)} ({iqr})", str(r.rounds)]
             if baseline:
                 cells.append(vs(base and base.median_ms, r.median_ms, no_base))
-            cells.append(f"{r.peak_mib:.1f}" if r.peak_mib is not None else "n/a (not recorded)")
+            cells.append(f"{r.peak_mib:.1f}" if r.peak_mib is not None else f"n/a ({r.peak_na})")
             if baseline:
-                cells.append(vs(r.peak_mib, base and base.peak_mib, "not recorded"))
+                cells.append(vs(r.peak_mib, base and base.peak_mib, r.peak_na))
             cells.append(_ratio(r.median_ms / r.floor_ms) if r.floor_ms
                          else "n/a (no floor recorded)")
             if energy:

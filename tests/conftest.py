@@ -65,6 +65,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["torch"] = torch.__version__
     machine_info["triton"] = triton.__version__
+    machine_info["device"] = "cuda" if HAS_CUDA else "cpu"
     if HAS_CUDA:
         machine_info["cuda"] = torch.version.cuda
         machine_info["cuda_device"] = torch.cuda.get_device_name()

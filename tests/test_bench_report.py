@@ -173,3 +173,17 @@ def test_train_step_fields_energy_and_whole_peak():
         b["extra_info"].pop("energy_per_image_j")
     rows = _table(bench.render(data, "ts.json", baseline="e2e"), g)
     assert len(rows["e2e"]) == 6
+
+
+def test_cpu_train_step_file_says_why_peak_is_missing():
+    """A CPU run of the train-step benchmark: no GPU, and the peak's reason, not a bare n/a."""
+    g = "train step (CPU)"
+    why = "CPU run: peak memory is measured on CUDA only"
+    data = {"machine_info": {"device": "cpu", "torch": "2.x"}, "benchmarks": [
+        _bench(g, "e2e", 0.8, peak_allocated_gib=None, peak_unavailable=why),
+        _bench(g, "simultaneous", 0.4, peak_allocated_gib=None, peak_unavailable=why)]}
+    md = bench.render(data, "ts.json", baseline="e2e")
+    assert "device: no GPU (CPU run)" in md
+    rows = _table(md, g)
+    assert rows["simultaneous"][2] == "2.00"
+    assert rows["simultaneous"][3] == f"n/a ({why})" == rows["simultaneous"][4]

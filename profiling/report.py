@@ -571,24 +571,30 @@ def _build_table(title: str, columns, rows: List[Tuple[str, Dict[str, Any], Dict
 
 
 def _md_table(table: dict, footnotes: List[str]) -> str:
-    """The table in markdown. A column that is n/a in every row (for one and the same reason) is
-    left out and named in one line under the table instead, so that a pasted table holds only
+    """The table in markdown. A column that is n/a in every row is left out and named in one
+    line under the table instead, with its reason (or reasons), so that a pasted table holds only
     what was measured; the JSON report keeps every column."""
     rows = table["rows"]
     kept, dropped = [], {}
+    gone = set()
     for c in table["columns"]:
-        reasons = {row["na"].get(c["key"]) or "not measured"
-                   for row in rows if row["cells"].get(c["key"]) is None}
-        if rows and len(reasons) == 1 and all(row["cells"].get(c["key"]) is None for row in rows):
-            reason = reasons.pop()
-            if not c.get("ratio_of"):  # a ratio column goes with its value column
-                dropped.setdefault(reason, []).append(c["label"])
-            if reason not in footnotes:
-                footnotes.append(reason)
+        reasons = list(dict.fromkeys(row["na"].get(c["key"]) or "not measured"
+                                     for row in rows))
+        if rows and all(row["cells"].get(c["key"]) is None for row in rows) and (
+                not c.get("ratio_of") or c["ratio_of"] in gone or len(reasons) == 1):
+            # a ratio column goes with its value column; one n/a for its own reasons
+            # (e.g. the baseline was not timed) stays, since nothing else says why
+            gone.add(c["key"])
+            if not c.get("ratio_of"):
+                dropped.setdefault(tuple(reasons), []).append(c["label"])
+            for reason in reasons:
+                if reason not in footnotes:
+                    footnotes.append(reason)
         else:
             kept.append(c)
-    omitted = "; ".join(f"{', '.join(labels)}: n/a ({_short(reason)})"
-                        for reason, labels in dropped.items())
+    omitted = "; ".join(f"{', '.join(labels)}: "
+                        + " or ".join(f"n/a ({_short(reason)})" for reason in reasons)
+                        for reasons, labels in dropped.items())
     if not kept:
         return f"Nothing measured here ({omitted})."
     head = "| run | " + " | ".join(c["label"] for c in kept) + " |"
@@ -728,7 +734,8 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
     block_rows = []
     for e in entries:
         for b in e["per_block"]:
-            reasons = {k: (b.get("energy_unavailable") if k == "energy_per_image_j" else
+            reasons = {k: (b.get("energy_unavailable") if k in ("energy_per_image_j",
+                                                                "energy_source") else
                            b.get("gflop_unavailable") if k == "gflop_per_pair" else
                            b.get("time_unavailable") if k == "time_per_image_ms" and
                            b.get("time_unavailable") else
@@ -829,7 +836,10 @@ def render_markdown(rep: dict) -> str:
     gpu = h.get("gpu") or "no GPU (CPU run)"
     mem = f", {h['gpu_memory_gib']:.1f} GiB" if h.get("gpu_memory_gib") else ""
     out.append(f"**GPU** {gpu}{mem}; **driver** {h.get('driver') or 'n/a'}; "
-               f"**CUDA** {h.get('cuda') or 'n/a'}; **torch** {h.get('torch')}; "
+               + (f"**CUDA** {h.get('cuda') or 'n/a'}; " if h.get("gpu") else
+                  f"**CUDA** not used (torch built for {h['cuda']}); " if h.get("cuda") else
+                  "**CUDA** n/a; ")
+               + f"**torch** {h.get('torch')}; "
                f"**triton** {h.get('triton') or 'n/a'}; **python** {h.get('python')}; "
                f"**CPU** {h.get('cpu') or 'n/a'}; **host** {h.get('hostname')}.")
     s = h.get("settings") or {}

@@ -131,6 +131,8 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert len(cells) == header.count("|") - 1 and float(cells[1]) > 0, cells
     assert "## Not measured" in md and "device is cpu" in md
+    assert "(not measured): not measured" not in md  # every n/a names a real reason
+    assert "**CUDA** not used" in md  # the torch build's CUDA version is not a CUDA run
     # the per-window tables: no energy, so no count of windows too short for the counter
     win_rows = [l for l in md.splitlines() if l.startswith("| step |")]
     assert win_rows and all(l.rstrip(" |").endswith("n/a (no energy)") for l in win_rows), win_rows
@@ -236,6 +238,13 @@ def test_md_table_keeps_partly_measured_columns():
     assert "| e2e | 1.00 | n/a (no NVML) |" in md and "| sim | 0.50 | 2.00 |" in md
     assert md.splitlines()[-1] == "Not in this table: C (W): n/a (CPU run)."
     assert sorted(notes) == ["CPU run", "no NVML"]
+    # a column n/a everywhere, for different reasons: left out too, every reason named
+    table["rows"][1]["cells"]["b"] = None
+    table["rows"][1]["na"]["b"] = "not timed"
+    md = _md_table(table, [])
+    assert "B (J)" not in md.splitlines()[0]
+    assert md.splitlines()[-1] == ("Not in this table: B (J): n/a (no NVML) or n/a (not timed); "
+                                   "C (W): n/a (CPU run).")
     table["rows"] = [table["rows"][0]]
     table["rows"][0]["cells"]["a"] = None
     table["rows"][0]["na"]["a"] = "CPU run"

@@ -1,0 +1,48 @@
+"""scripts/gpu_session.sh, the one-call GPU measurement script, dry-run on the CPU.
+
+A device call is scarce (30 minutes a session, sometimes one call): a part broken by a CLI
+change must fail here, not there. The script's own CPU dry-run settings (its header) run one
+compare part end to end; every part name it accepts has a branch; a typo in PARTS costs nothing.
+"""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_session.sh"
+
+
+def _run(tmp_path, parts, timeout=600):
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+               ARCH="resnet18", IMG="16", BATCH="8", PROJ="32-32", DEVICE="cpu", STEPS="2",
+               WARMUP="1", EPOCHS="1", PARTS=parts)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_every_valid_part_has_a_branch():
+    text = SCRIPT.read_text()
+    valid = re.search(r'VALID="([^"]*)"', text).group(1).split()
+    branches = set(re.findall(r"^\s{8}([a-z0-9_]+)\)\s*$", text, re.M))
+    assert valid and set(valid) == branches, (set(valid) ^ branches)
+
+
+def test_unknown_part_fails_before_anything_runs(tmp_path):
+    p = _run(tmp_path, "compare_default compare_defualt", timeout=60)
+    assert p.returncode == 2
+    assert "unknown part 'compare_defualt'" in p.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_cpu_dry_run_of_a_compare_part(tmp_path):
+    p = _run(tmp_path, "compare_noexp")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "-- compare_noexp: exit 0" in summary, summary
+    assert (tmp_path / "work" / "compare_noexp" / "report.md").exists()
+    # issue_bars.py read the report and said why it is not the bar's run
+    assert "BAR [compare_noexp] n/a: not the bar's settings" in summary
+    assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0

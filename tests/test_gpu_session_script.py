@@ -46,3 +46,17 @@ def test_cpu_dry_run_of_a_compare_part(tmp_path):
     # issue_bars.py read the report and said why it is not the bar's run
     assert "BAR [compare_noexp] n/a: not the bar's settings" in summary
     assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
+
+
+SCRIPTS = ["scripts/gpu_profile_independent.py", "scripts/gpu_profile_energy.py",
+           "scripts/gpu_profile_smi.py", "scripts/issue_bars.py", "scripts/learning_summary.py",
+           "tests/benchmarks/sweep_sqrt_pool.py"]
+
+
+def test_gpu_scripts_import_and_parse_their_arguments():
+    """The Python parts of a device call at least import and print their usage on the CPU."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for script in SCRIPTS:
+        p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), (script, p.stderr[-2000:])

@@ -1656,8 +1656,9 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
             forward) from a CUDA graph per input address, to cut the per-launch host cost at
             small N (docs/performance.md). Used only on CUDA, single process (no group given
             and torch.distributed not running over several ranks), when both inputs require
-            grad; otherwise, and on the first call at an address, the launchers run directly. The gradients are computed in the forward at grad_loss = 1 and multiplied
-            by grad_loss in the backward (exact for grad_loss = 1 or a power of two, otherwise
+            grad; otherwise, and on the first call at an address, the launchers run directly.
+            The gradients are computed in the forward at grad_loss = 1 and multiplied by
+            grad_loss in the backward (exact for grad_loss = 1 or a power of two, otherwise
             one extra rounding in the input dtype). Each graph keeps its buffers (at N=256,
             D=8192, bf16: about 30 MiB) while it is cached (at most 8).
 

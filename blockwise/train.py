@@ -19,6 +19,7 @@ half-written).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -129,7 +130,6 @@ def _config_record(cfg: Config, out: str, record: Dict[str, Any]) -> Dict[str, A
     """config.json's content; on resume the earlier invocations are kept under "previous"."""
     path = os.path.join(out, "config.json")
     if cfg.resume and os.path.isfile(path):
-        import json
         try:
             with open(path, encoding="utf-8") as fh:
                 prev = json.load(fh)

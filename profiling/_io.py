@@ -4,6 +4,7 @@ A reader (or a crash) never sees a half-written report, profile.json or plot.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,8 +21,11 @@ def _tmp_path(path: str, suffix: str = "") -> str:
     return tmp
 
 
+@functools.lru_cache(maxsize=None)
 def _file_mode() -> int:
-    """What open() would give a new file: 0o666 less the process umask (mkstemp gives 0o600)."""
+    """What open() would give a new file: 0o666 less the process umask (mkstemp gives 0o600).
+    Read once: reading the umask means setting it, and another thread creating a file in
+    between would get mode 0o666."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask

@@ -39,7 +39,7 @@ import weakref
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from profiling import _nvml
 from profiling._windows import check_closing, check_window_name
@@ -246,6 +246,13 @@ def _sampler_loop(ref: "weakref.ref[EnergyMeter]", stop: threading.Event, interv
             return
         meter._tick()
         del meter  # no strong reference while waiting
+
+
+def combined_method(methods: Iterable[Optional[str]]) -> Optional[str]:
+    """One label for energies from several windows or GPUs: "counter", "sampling",
+    "counter+sampling" (some fell back to the power samples), or None (none measured)."""
+    parts = {p for m in methods if m for p in m.split("+")}
+    return "+".join(sorted(parts)) or None
 
 
 def _release(stop: threading.Event, nvml: Any) -> None:
@@ -685,8 +692,7 @@ class EnergyMeter:
         else:
             energy_j = None
             gpu_reason = self.gpu_unavailable or failed or "GPU energy not measured"
-        methods = sorted({x.method for x in gpus if x.method is not None})
-        window_method = "+".join(methods) if energy_j is not None and methods else None
+        window_method = combined_method(x.method for x in gpus) if energy_j is not None else None
         sampled_all = None
         if gpus and all(x.sampled_energy_j is not None for x in gpus):
             sampled_all = sum(x.sampled_energy_j for x in gpus)  # type: ignore[misc]

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 
 from profiling import _io
 from profiling._windows import check_closing, check_window_name
-from profiling.energy import EnergyMeter, EnergyWindow
+from profiling.energy import EnergyMeter, EnergyWindow, combined_method
 from profiling.memory import MemoryMeter, MemoryWindow
 
 SCHEMA = "blockwise.profile/1"
@@ -384,8 +384,7 @@ class Profiler:
             "throughput_img_s": images / time_s if time_s and images else None,
             "energy_j": energy,
             # the meter's method, or what its windows fell back to (a failed counter read)
-            "energy_method": ("+".join(sorted({m for s in segs for m in
-                                               (s["energy_method"] or "").split("+") if m}))
+            "energy_method": (combined_method(s["energy_method"] for s in segs)
                               or self.energy.method) if energy is not None else None,
             "energy_per_image_j": energy / images if energy is not None and images else None,
             "mean_power_w": energy / time_s if energy is not None and time_s else None,

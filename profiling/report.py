@@ -266,7 +266,8 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         "oom_count": run.get("oom_count"),
         "mean_power_w": run.get("mean_power_w"),
     }
-    run_short = any(sg.get("short") for sg in run.get("segments") or [])
+    run_short = run["short"] if "short" in run else any(  # files from before run.short
+        sg.get("short") for sg in run.get("segments") or [])
     run_energy, run_source, short_reason = _measured_energy(
         run.get("energy_j"), run.get("sampled_energy_j"), run_short, run.get("energy_method"))
     if run_short:

@@ -43,6 +43,7 @@ def test_readme_command_end_to_end(tmp_path):
     if not torch.cuda.is_available():
         assert "no CUDA device" in proc.stderr and not cfg["fused_kernels_used"]
     assert "random init" in proc.stdout and "linear probe top-1" in proc.stdout
+    assert train.DIGITS_PROBE_NOTE in proc.stdout  # why digits' gains are near 0
     assert proc.stdout.count("ms/step") == 3  # one fixed-format line per step here
     probe = json.loads((out / "probe.json").read_text())
     assert set(probe["top1"]) == set(probe["control_top1"]) == {f"block{k}" for k in range(1, 5)}

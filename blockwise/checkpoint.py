@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 from typing import Any, Callable, Dict, Optional
 
@@ -77,7 +78,15 @@ def load_checkpoint(run_dir_or_file: str, map_location: Optional[str] = "cpu") -
                                 f"{CHECKPOINT}, or the checkpoint file itself)")
     # weights_only=False: the checkpoint holds RNG states (numpy arrays, python tuples) written
     # by this program; only load checkpoints you made yourself.
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as err:  # another file, or truncated
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{path!r} is not a readable blockwise checkpoint ({type(err).__name__}: "
+                         f"{first}); expected the {CHECKPOINT} that blockwise.train writes "
+                         f"(schema {SCHEMA}); is it truncated, or another file?") from None
     if not isinstance(ckpt, dict) or ckpt.get("schema") != SCHEMA:
         raise ValueError(f"{path!r} is not a blockwise checkpoint (schema {SCHEMA})")
     return ckpt

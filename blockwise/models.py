@@ -181,8 +181,10 @@ def _unwrap(block: nn.Module) -> nn.Module:
 def _check_blocks(blocks, fn: str) -> nn.ModuleList:
     """The 4 plain blocks (wrappers removed), or TypeError if these are not build_blocks' blocks."""
     if not isinstance(blocks, (nn.ModuleList, list, tuple)) or len(blocks) != 4:
-        raise TypeError(f"{fn}: expected the nn.ModuleList of 4 blocks from build_blocks, "
-                        f"got {type(blocks).__name__}")
+        got = type(blocks).__name__
+        if isinstance(blocks, (nn.ModuleList, list, tuple)):
+            got += f" of {len(blocks)}"
+        raise TypeError(f"{fn}: expected the nn.ModuleList of 4 blocks from build_blocks, got {got}")
     blocks = nn.ModuleList(_unwrap(b) for b in blocks)
     for k, (block, names) in enumerate(zip(blocks, BLOCK_LAYERS)):
         got = tuple(name for name, _ in block.named_children())
@@ -248,7 +250,9 @@ def load_torchvision_state_dict(blocks: nn.ModuleList, state_dict: Dict[str, tor
         if top == "fc":
             continue
         if top not in layer_to_block:
-            raise ValueError(f"load_torchvision_state_dict: unexpected key {key!r}")
+            raise ValueError(f"load_torchvision_state_dict: unexpected key {key!r}; expected a "
+                             "torchvision ResNet state dict, keys starting with conv1., bn1., "
+                             "layer1. .. layer4. or fc. (strip wrapper prefixes such as 'module.')")
         mapped[f"{layer_to_block[top]}.{key}"] = value
     blocks.load_state_dict(mapped, strict=True)
 

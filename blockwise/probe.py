@@ -70,7 +70,12 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     if epochs <= 0:
         raise ValueError(f"train_linear: epochs must be > 0, got {epochs}")
     device = train_x.device
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_y = train_y.long()  # cross_entropy takes int64 targets only (int32 labels are valid)
+    # a feature constant on the training set (a dead channel) keeps scale 1, as scikit-learn's
+    # StandardScaler: dividing by a clamped ~0 std would blow its test values up by ~1e6, and
+    # its weight (no gradient, never trained) would then decide every prediction
+    mean, std = train_x.mean(0), train_x.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     train_x = (train_x - mean) / std
     test_x = (test_x - mean) / std
     with torch.random.fork_rng(devices=[]):
@@ -209,7 +214,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     result = run_probe(cfg, blocks, bundle, dev, meta={"step": ckpt["state"]["step"]})
     print(format_table(result))
-    path = atomic_write_json(os.path.join(args.run_dir, PROBE), result)
+    # RUN_DIR may also be the checkpoint file itself (load_checkpoint takes both): probe.json
+    # goes into the directory that holds it
+    run_dir = args.run_dir if os.path.isdir(args.run_dir) else os.path.dirname(os.path.abspath(args.run_dir))
+    path = atomic_write_json(os.path.join(run_dir, PROBE), result)
     print(f"wrote {path}")
     return 0
 

@@ -7,7 +7,7 @@ import stat
 import pytest
 import torch
 
-from blockwise.checkpoint import atomic_torch_save, atomic_write_json
+from blockwise.checkpoint import SCHEMA, atomic_torch_save, atomic_write_json, load_checkpoint
 from profiling._io import atomic_write_text
 
 
@@ -41,3 +41,16 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary left behind
     atomic_write_json(str(tmp_path / "c.json"), {"step": 3})
     assert json.loads((tmp_path / "c.json").read_text()) == {"step": 3}
+
+
+def test_load_checkpoint_of_a_truncated_or_foreign_file_is_a_value_error(tmp_path):
+    """The CLIs turn ValueError into exit 2 with the message; a raw UnpicklingError / zip
+    RuntimeError / EOFError was a traceback instead."""
+    path = tmp_path / "checkpoint.pt"
+    atomic_torch_save({"schema": SCHEMA, "w": torch.arange(1000.0)}, str(path))
+    assert load_checkpoint(str(tmp_path))["w"][-1] == 999.0
+    whole = path.read_bytes()
+    for content in (whole[:len(whole) // 2], b"", b'{"step": 1}\n'):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match="not a readable blockwise checkpoint.*checkpoint.pt"):
+            load_checkpoint(str(tmp_path))

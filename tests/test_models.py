@@ -265,6 +265,15 @@ def test_export_sees_through_compile_wrappers():
         export_torchvision_state_dict(nn.ModuleList([nn.Sequential()] * 4), "resnet18")
 
 
+def test_bad_blocks_and_bad_state_dict_messages_say_what_is_valid():
+    blocks = build_blocks("resnet18", small_stem=False)
+    with pytest.raises(TypeError, match="4 blocks.*got ModuleList of 3"):
+        export_torchvision_state_dict(blocks[:3], "resnet18")
+    sd = {"module." + k: v for k, v in torchvision.models.resnet18().state_dict().items()}
+    with pytest.raises(ValueError, match="'module.conv1.weight'.*expected.*conv1.*layer4.*module"):
+        load_torchvision_state_dict(blocks, sd)
+
+
 def test_forward_block_checkpointed_segments_and_exactness():
     blocks = models.build_blocks("resnet18", True)
     seg = models._segments(blocks[0])

@@ -34,6 +34,23 @@ def test_linear_probe_separates_clusters_and_not_noise():
     assert noise_acc < 40
 
 
+def test_linear_probe_takes_int32_labels():
+    x, y = _clusters(200, 8, 3, 1.0, 2)
+    acc = probe.train_linear(x, y.int(), x, y.int(), 3, epochs=2)  # was: cross_entropy error
+    assert acc == probe.train_linear(x, y, x, y, 3, epochs=2)
+
+
+def test_linear_probe_ignores_a_feature_dead_on_the_training_set():
+    """A channel that is 0 on every training image but not on the test images (a dead ReLU
+    channel) must not decide the predictions: its weight never trains."""
+    x, y = _clusters(300, 8, 3, 2.0, 1)
+    xt, yt = _clusters(100, 8, 3, 2.0, 1)
+    clean = probe.train_linear(x, y, xt, yt, 3, epochs=5)
+    dead = probe.train_linear(torch.cat([x, torch.zeros(len(x), 1)], 1), y,
+                              torch.cat([xt, torch.full((len(xt), 1), 0.01)], 1), yt, 3, epochs=5)
+    assert clean > 90 and dead == pytest.approx(clean, abs=2.0)
+
+
 def test_linear_probe_is_invariant_to_feature_scale():
     """Standardisation: the same classifier whatever the feature scale (random-init blocks
     differ by orders of magnitude)."""
@@ -79,6 +96,21 @@ def test_probe_cli_on_a_saved_run(tmp_path, capsys):
     # deterministic: the same run probed again gives the same figures
     assert probe.main([str(tmp_path), "--probe-epochs", "3"]) == 0
     assert json.loads((tmp_path / "probe.json").read_text())["top1"] == result["top1"]
+
+
+def test_probe_cli_takes_the_checkpoint_file_itself(tmp_path, capsys):
+    """load_checkpoint takes a run directory or its checkpoint.pt: probe.json then goes beside
+    the file (it crashed at the end, after the whole probe, writing under checkpoint.pt/)."""
+    assert train.main([str(a) for a in TINY + ["--max-steps", "1", "--probe-epochs", "0",
+                                               "--out", tmp_path]]) == 0
+    assert probe.main([str(tmp_path / "checkpoint.pt"), "--probe-epochs", "1", "--no-control"]) == 0
+    assert json.loads((tmp_path / "probe.json").read_text())["step"] == 1
+
+
+def test_probe_cli_on_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "checkpoint.pt").write_text('{"step": 1}\n')
+    assert probe.main([str(tmp_path)]) == 2  # not a traceback
+    assert "not a readable blockwise checkpoint" in capsys.readouterr().err
 
 
 def test_probe_cli_without_checkpoint(tmp_path, capsys):

@@ -145,12 +145,16 @@ def _require_gpu(device: Optional[str]) -> None:
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     modes = parse_modes(args.modes)
+    if isinstance(args.steps, bool) or not isinstance(args.steps, int) or args.steps < 1:
+        raise ValueError(f"--steps must be an integer >= 1 (trainer steps per probe), "
+                         f"got {args.steps!r}")
     _require_gpu(args.device)
     out = os.path.abspath(args.out)
     probes_dir = os.path.join(out, "probes")
     os.makedirs(probes_dir, exist_ok=True)
     fused = args.fused == "on"
     results = []
+    envs: List[dict] = []  # from this invocation's probes, never a stale probe dir's
     for mode in modes:
         records: List[dict] = []
 
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
                    "exit_code": res.exit_code, "wall_s": res.wall_s,
                    "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_used_gib": None}
             if res.profile:
+                envs.append(res.profile.get("environment"))
                 r = res.profile["run"]
                 for k in ("peak_allocated_gib", "peak_reserved_gib", "nvml_used_gib"):
                     rec[k] = r.get(k)
@@ -201,25 +206,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
                         "start": args.start, "max_batch": args.max_batch,
                         "granularity": args.granularity, "max_probes": args.max_probes,
                         "steps_per_probe": args.steps, "extra_trainer_args": list(extra)},
-           "environment": _probe_environment(probes_dir), "modes": results}
+           "environment": envs[0] if envs else None, "modes": results}
     write_outputs(rep, out)
     print(f"report: {os.path.join(out, 'maxbatch.md')}")
     return 0 if all(e["error"] is None for e in results) else 1
-
-
-def _probe_environment(probes_dir: str) -> Optional[dict]:
-    """The environment block of the first probe profile found (GPU, driver, versions)."""
-    import json
-
-    for name in sorted(os.listdir(probes_dir)):
-        path = os.path.join(probes_dir, name, "profile.json")
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    return json.load(f).get("environment")
-            except (OSError, ValueError):
-                continue
-    return None
 
 
 def render_markdown(rep: dict) -> str:
@@ -243,12 +233,18 @@ def render_markdown(rep: dict) -> str:
            "|---|---:|---:|---:|---:|---:|---|"]
     base = next((m for m in rep["modes"] if m["mode"] == "e2e"), None)
     base_v = base["largest_fitting"] if base else None
+    smallest = -(-MIN_BATCH // s["granularity"]) * s["granularity"]  # as search() rounds it
     for m in rep["modes"]:
         lf = m["largest_fitting"]
         if m["error"]:
             lf_s = f"n/a (probe failed: {m['error'][:60]})"
+        elif lf is None and (m["smallest_failing"] or 0) > smallest:
+            lf_s = (f"n/a (probes ran out: every batch probed OOMed, down to "
+                    f"{m['smallest_failing']})")
         elif lf is None:
             lf_s = "n/a (nothing fits, not even the smallest probe)"
+        elif m["smallest_failing"] is None and not m["capped"]:
+            lf_s = f"{lf} (probes ran out before an OOM, true limit may be higher)"
         else:
             lf_s = f"{lf}" + (" (cap reached, true limit may be higher)" if m["capped"] else "")
         ratio = (f"{lf / base_v:.2f}x" if lf is not None and base_v else

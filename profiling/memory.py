@@ -125,6 +125,10 @@ class MemoryMeter:
             elif not torch.cuda.is_available():
                 self.unavailable = "CUDA is not available"
             else:
+                # the caching allocator exists only once CUDA is initialised: before that,
+                # reset_peak_memory_stats("cuda:N") raises "Invalid device argument N: did you
+                # call init?" (current_device() below initialises it, but only without an index)
+                torch.cuda.init()
                 if self.device.index is None:
                     self.device = torch.device("cuda", torch.cuda.current_device())
                 self._backend = TorchCudaMemory(self.device)

@@ -111,6 +111,37 @@ def test_nvml_used_memory_at_window_end(monkeypatch, fake):
     m.close()
 
 
+def test_indexed_cuda_device_before_cuda_is_initialised(monkeypatch):
+    """MemoryMeter("cuda:1") as the first CUDA call of a process: PyTorch's caching allocator
+    refuses reset_peak_memory_stats before CUDA is initialised (NativeCachingAllocator::
+    resetPeakStats -> "Invalid device argument 1: did you call init?"), and memory_stats is
+    empty then. Only "cuda" without an index initialised it (via current_device())."""
+    state = {"init": False}
+
+    def stats(device=None):
+        if not state["init"]:
+            return {}
+        cur = {"current": 3 * MIB, "peak": 3 * MIB}
+        return {"allocated_bytes": {"all": dict(cur)}, "reserved_bytes": {"all": dict(cur)},
+                "num_ooms": 0}
+
+    def reset(device=None):
+        if not state["init"]:
+            raise RuntimeError(f"Invalid device argument {torch.device(device).index}: "
+                               "did you call init?")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "init", lambda: state.update(init=True))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state.update(init=True) or 0)
+    monkeypatch.setattr(torch.cuda, "memory_stats_as_nested_dict", stats)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    m = MemoryMeter("cuda:1", nvml=False)
+    assert m.available and m.device == torch.device("cuda", 1)
+    with m.window("a") as out:
+        pass
+    assert out[0].peak_allocated_gib * GIB == 3 * MIB
+
+
 def test_cpu_device_is_unavailable():
     m = MemoryMeter("cpu")
     assert not m.available and "exist only for CUDA" in m.unavailable

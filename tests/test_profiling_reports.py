@@ -603,6 +603,70 @@ def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
     assert "--workers 0" in log and "--max-steps 2" in log  # pass-through, 2 steps per probe
 
 
+def test_maxbatch_environment_is_this_runs_not_a_stale_probe(monkeypatch, tmp_path):
+    """A second maxbatch into the same --out leaves earlier probe dirs at batches it does not
+    probe again: the header's GPU must come from this run's probes, not from one of those."""
+    template = tmp_path / "template" / "profile.json"
+    fresh = make_profile(monkeypatch, str(template), "e2e")
+    fresh["environment"]["gpu"] = "This run's GPU"
+    json.dump(fresh, open(template, "w"))
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINER.format(python=sys.executable, limits={"e2e": 300},
+                                        template=str(template)))
+    fake.chmod(0o755)
+    out = tmp_path / "mb"
+    stale = json.load(open(template))
+    stale["environment"]["gpu"] = "Stale GPU from an earlier run"
+    (out / "probes" / "e2e-b1024").mkdir(parents=True)  # sorts before e2e-b256
+    json.dump(stale, open(out / "probes" / "e2e-b1024" / "profile.json", "w"))
+    assert cli.main(["maxbatch", "--modes", "e2e", "--start", "256", "--granularity", "32",
+                     "--max-probes", "2", "--device", "cuda", "--python", str(fake),
+                     "--out", str(out)]) == 0
+    rep = json.load(open(out / "maxbatch.json"))
+    assert [p["batch"] for p in rep["modes"][0]["probes"]] == [256, 512]
+    assert rep["environment"]["gpu"] == "This run's GPU"
+    assert "Stale GPU" not in open(out / "maxbatch.md").read()
+
+
+def test_maxbatch_markdown_when_probes_run_out():
+    """Probes spent before an OOM (or before the smallest batch): the table must not present
+    the result as bracketed, nor claim that nothing fits."""
+    def entry(mode, limit, start):
+        r = search(lambda b: b <= limit, start=start, max_batch=4096, granularity=32,
+                   max_probes=3, min_batch=2)
+        return {"mode": mode, "error": None, **r,
+                "probes": [{"batch": int(b), "result": "fits" if ok else "oom",
+                            "peak_allocated_gib": 1.0 if ok else None}
+                           for b, ok in r["fits"].items()]}
+    rep = {"command": "x", "environment": {},
+           "settings": {"arch": "resnet50", "image_size": 224, "projector": None, "fused": False,
+                        "device": "cuda", "start": 256, "max_batch": 4096, "granularity": 32,
+                        "max_probes": 3, "steps_per_probe": 2, "extra_trainer_args": []},
+           "modes": [entry("e2e", 100, 256), entry("simultaneous", 40, 1024),
+                     entry("sequential", 5000, 256), entry("nothing", 10, 64)]}
+    m = {e["mode"]: e for e in rep["modes"]}
+    assert (m["simultaneous"]["largest_fitting"], m["simultaneous"]["smallest_failing"]) == \
+        (None, 256)  # 1024, 512, 256 all OOM: 32..224 never probed
+    assert m["sequential"]["smallest_failing"] is None and not m["sequential"]["capped"]
+    assert (m["nothing"]["largest_fitting"], m["nothing"]["smallest_failing"]) == (None, 32)
+    rows = {line.split("|")[1].strip(): line for line in maxbatch_md(rep).splitlines()
+            if line.startswith("| ") and not line.startswith("| mode")}
+    assert "nothing fits" not in rows["simultaneous"] and "ran out" in rows["simultaneous"]
+    assert "| sequential | 1024 (probes ran out before an OOM, true limit may be higher) |" \
+        in rows["sequential"]
+    assert "nothing fits, not even the smallest probe" in rows["nothing"]
+    assert "| e2e | 64 | 1.00x | 128 | 64 |" in rows["e2e"]  # bracketed: no note
+
+
+def test_maxbatch_steps_below_one_names_the_flag(tmp_path, capsys):
+    rc = cli.main(["maxbatch", "--modes", "e2e", "--steps", "0", "--device", "cuda",
+                   "--python", sys.executable, "--out", str(tmp_path / "m")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--steps must be an integer >= 1" in err and "--warmup" not in err, err
+    assert not (tmp_path / "m").exists()  # refused before any probe ran
+
+
 def test_maxbatch_refuses_cpu(tmp_path, capsys):
     rc = cli.main(["maxbatch", "--modes", "e2e", "--device", "cpu", "--out", str(tmp_path / "m")])
     assert rc == 2

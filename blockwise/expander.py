@@ -219,7 +219,7 @@ class ExpanderPool(nn.Module):
                 raise ValueError(f"ExpanderPool: {name} must be a positive int, got {v!r}")
         if pool not in POOLS:
             raise ValueError(f"ExpanderPool: unknown pool {pool!r}; valid: {', '.join(POOLS)}")
-        if eps_pool < 0 or eps_bn <= 0:
+        if not (eps_pool >= 0 and eps_bn > 0):  # NaN fails too
             raise ValueError(f"ExpanderPool: need eps_bn > 0 and eps_pool >= 0, got {eps_bn}, {eps_pool}")
         self.pool = pool
         self.chunk_bytes = chunk_bytes
@@ -255,7 +255,7 @@ class ExpanderPool(nn.Module):
             raise TypeError(f"ExpanderPool: expected a floating-point input, got {x.dtype}")
         dev = x.device.type
         cdtype = x.dtype
-        if torch.is_autocast_enabled(dev):
+        if torch.is_autocast_enabled(dev) and x.dtype != torch.float64:  # as autocast: fp64 stays
             cdtype = torch.get_autocast_dtype(dev)
         use_batch_stats = self.training or not bn.track_running_stats
         running_mean = running_var = None

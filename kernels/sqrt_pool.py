@@ -753,6 +753,8 @@ def _specs(kind: str, shape, dtype: torch.dtype, device: torch.device, cl: bool,
             candidates = _GLOBAL
         elif _pair_ok(g, cl):
             candidates = _FWD_PAIR if fwd else (_BWD_QUAD if _quad_ok(g, cl) else _BWD_PAIR)
+            if (g.oh * g.ow if fwd else H * W) >= _FLAT_MAX:  # too large for the flat tiling
+                candidates = tuple(c for c in candidates if c[0] != "flat")
         elif cl or (g.oh * g.ow if fwd else H * W) >= _FLAT_MAX:
             candidates = _FWD_CL if fwd else _BWD_CL  # "3d" only
         else:

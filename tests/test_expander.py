@@ -157,6 +157,20 @@ def test_autocast_bf16_cpu(pool):
     assert rel_err(out.double(), ref) < 1e-2  # bf16 matmuls really ran, but not garbage
 
 
+def test_autocast_leaves_fp64_alone():
+    """Autocast does not cast fp64 tensors (the plain conv stays fp64 under it): neither does
+    ExpanderPool, whose output is fp64 for fp64 inputs "also under autocast"."""
+    ep = _make(3, 4, "sqrt", torch.float64, chunk_bytes=1)
+    seq = _plain(ep)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    gp = torch.randn(2, 4, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, dx = _run(ep, x, gp)
+        ref, dx_ref = _run(seq, x, gp, "sqrt")
+    assert out.dtype == dx.dtype == ref.dtype == torch.float64
+    assert max(rel_err(out, ref), rel_err(dx, dx_ref)) < 1e-12
+
+
 def test_bad_input():
     ep = ExpanderPool(3, 4)
     with pytest.raises(ValueError, match="N x 3 x H x W"):
@@ -165,6 +179,16 @@ def test_bad_input():
         ExpanderPool(3, 4, "max")
     with pytest.raises(ValueError, match="more than 1 value"):
         ep(torch.randn(1, 3, 1, 1))
+
+
+@pytest.mark.parametrize("kw", [dict(eps_pool=-1.0), dict(eps_pool=float("nan")),
+                                dict(eps_bn=0.0), dict(eps_bn=float("nan"))],
+                         ids=["eps_pool<0", "eps_pool=nan", "eps_bn=0", "eps_bn=nan"])
+def test_bad_eps_rejected_at_construction(kw):
+    """A NaN eps would make every output NaN on the torch path (the fused launcher raises only
+    at the first forward): rejected when built, as a negative one."""
+    with pytest.raises(ValueError, match="need eps_bn > 0 and eps_pool >= 0"):
+        ExpanderPool(3, 4, "sqrt", **kw)
 
 
 @pytest.mark.parametrize("pool", ["avg", "sqrt"])

@@ -276,6 +276,20 @@ def test_default_variant(shape, kw, layout, variants, device):
         assert plan.specs[0].name[0] == variant, kind
 
 
+
+@pytest.mark.parametrize("shape,k,s", [((1, 1, 1448, 1449), 2, 2), ((1, 1, 2900, 2900), 3, (1, 2))],
+                         ids=["quad-bwd", "pair-fwd-bwd"])
+def test_large_map_plans_have_no_flat_candidate(shape, k, s):
+    """A pair-eligible geometry on a map of >= 2**21 pixels (input for the backward, output for
+    the forward) must still build its plan: the flat tiling is not exact there, so it is left
+    out of the candidates instead of raising (only the plan is built: no launch, no tensor)."""
+    g = sp._geometry(torch.empty(shape, device="meta"), sp._check_params(k, s, 0, 0.0, False))
+    for kind, pixels in (("fwd", g.oh * g.ow), ("bwd", shape[2] * shape[3])):
+        specs = sp._specs(kind, shape, torch.float32, torch.device("cuda"), False, g, None)
+        assert specs and specs[0].name[0] in ("pair", "quad"), kind
+        if pixels >= sp._FLAT_MAX:
+            assert all(c.name[0] != "flat" for c in specs), kind
+
 @pytest.mark.parametrize("cols", [1, 3, 7, 28, 56, 97, 1447, 2047])
 def test_flat_row_col_is_exact(cols):
     """The flat tiling's q // cols via fp32 (q + 0.5) * (1 / cols), for every q < 2**21, emulated

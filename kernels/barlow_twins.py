@@ -1222,7 +1222,7 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     return loss, st
 
 
-def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
+def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], out_dtype: torch.dtype):
     pr = st.pr
     z1, z2 = st.z1, st.z2
     n, d = z1.shape
@@ -1247,7 +1247,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         st.ab = None
         cfg = _gram_bwd_final_cfg(r, pr.operand)
         for s in sides:
-            dz[s] = _empty((r, d), dev, z1.dtype)
+            dz[s] = _empty((r, d), dev, out_dtype)
         out1 = dz[0] if dz[0] is not None else dz[1]
         out2 = dz[1] if dz[1] is not None else dz[0]
         _launch(_bt_gram_bwd_kernel, (1, triton.cdiv(d, cfg["BN"]), len(sides)), z1, z2, ab[0],
@@ -1273,14 +1273,16 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     scratch = _empty((len(groups[0]), r, dc), dev, pr.torch_acc)
     xbuf: List[Optional[torch.Tensor]] = [None, None]
     reuse = st.extra.pop("ab_as_dz", False) and st.ab is not None
+    if reuse and out_dtype != st.ab.dtype:  # gradients wanted wider than the operands
+        reuse, st.ab = False, None
 
     def alloc(grp):  # dz2 is allocated only once G_b is released: it takes its place
         for s in grp:
-            dz[s] = _empty((r, d), dev, z1.dtype)
+            dz[s] = _empty((r, d), dev, out_dtype)
             # the K-loop operand BN(z) of every row: single process, it lives in the gradient's
             # own buffer (a column chunk of it is overwritten only after its last read)
             # (not when the operands are wider than the gradient: "fp32" for 16-bit inputs)
-            own = st.dist.active or pr.operand != z1.dtype
+            own = st.dist.active or pr.operand != out_dtype
             xbuf[s] = _empty((n, d), dev, pr.operand) if own else dz[s]
 
     if reuse:  # the forward's a, b: normalised already, and they become dz1, dz2
@@ -1337,7 +1339,7 @@ def _gram_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     return dz
 
 
-def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
+def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool], out_dtype: torch.dtype):
     pr = st.pr
     z1, z2 = st.z1, st.z2
     n, d = z1.shape
@@ -1356,7 +1358,7 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
         if not need[side]:
             continue
         x, y, xn, yn = (z1, z2, ab[0], ab[1]) if side == 0 else (z2, z1, ab[1], ab[0])
-        out = _empty((r, d), dev, z1.dtype)
+        out = _empty((r, d), dev, out_dtype)
         s2 = st.s2[side].contiguous()
         for i0 in range(0, d, p):
             i_hi = min(d, i0 + p)
@@ -1375,11 +1377,15 @@ def _cross_bwd(st: _State, gl: torch.Tensor, need: Tuple[bool, bool]):
     return dz
 
 
-def barlow_twins_bwd(st: _State, grad_loss: torch.Tensor, need: Tuple[bool, bool] = (True, True)):
-    """Backward launcher: (dL/dz1, dL/dz2) for this process's rows, in the input dtype."""
+def barlow_twins_bwd(st: _State, grad_loss: torch.Tensor, need: Tuple[bool, bool] = (True, True),
+                     grad_dtype: Optional[torch.dtype] = None):
+    """Backward launcher: (dL/dz1, dL/dz2) for this process's rows, in the input dtype (or in
+    grad_dtype: the CUDA-graph path keeps its grad_loss = 1 gradients in fp32, see
+    _loss_and_grads)."""
+    out_dtype = grad_dtype or st.z1.dtype
     if st.method == "gram":
-        return _gram_bwd(st, grad_loss, need)
-    return _cross_bwd(st, grad_loss, need)
+        return _gram_bwd(st, grad_loss, need, out_dtype)
+    return _cross_bwd(st, grad_loss, need, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1576,12 +1582,15 @@ _ONES: Dict[torch.device, torch.Tensor] = {}
 
 
 def _loss_and_grads(z1, z2, lambd, scale, eps, method):
-    """Loss and both gradients at grad_loss = 1, forward and backward launchers back to back."""
+    """Loss and both gradients at grad_loss = 1, forward and backward launchers back to back.
+    The gradients are fp32 for 16-bit inputs: stored in fp16 at grad_loss = 1 they would
+    underflow (GradScaler's grad_loss of 2^16 then multiplies zeros and subnormals) or overflow
+    to inf where grad_loss * dz is finite; the backward rounds grad_loss * dz once instead."""
     one = _ONES.get(z1.device)
     if one is None:
         one = _ONES[z1.device] = torch.ones((), device=z1.device, dtype=torch.float32)
     loss, st = barlow_twins_fwd(z1, z2, lambd, scale, eps, method)
-    dz = barlow_twins_bwd(st, one)
+    dz = barlow_twins_bwd(st, one, grad_dtype=torch.promote_types(z1.dtype, torch.float32))
     return loss, (dz[0], dz[1])
 
 
@@ -1631,8 +1640,11 @@ class _GraphedLossFn(torch.autograd.Function):
             dz = ctx.entry.dz
         else:  # a later forward replayed this graph: its dz are not ours
             _, dz = _loss_and_grads(z1, z2, *ctx.hparams)
-        # bf16 * fp32 0-dim: computed in fp32, rounded once to the gradient's dtype
-        return dz[0] * grad_loss, dz[1] * grad_loss, None, None, None, None
+        # fp32 dz (16-bit inputs: _loss_and_grads) times grad_loss, rounded once to z's dtype
+        # (one multiply per side that writes z's dtype: no separate cast launch)
+        out = [torch.mul(d, grad_loss, out=torch.empty(d.shape, device=d.device, dtype=z.dtype))
+               for d, z in zip(dz, (z1, z2))]
+        return out[0], out[1], None, None, None, None
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
@@ -1657,10 +1669,10 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
             small N (docs/performance.md). Used only on CUDA, single process (no group given
             and torch.distributed not running over several ranks), when both inputs require
             grad; otherwise, and on the first call at an address, the launchers run directly.
-            The gradients are computed in the forward at grad_loss = 1 and multiplied by
-            grad_loss in the backward (exact for grad_loss = 1 or a power of two, otherwise
-            one extra rounding in the input dtype). Each graph keeps its buffers (at N=256,
-            D=8192, bf16: about 30 MiB) while it is cached (at most 8).
+            The gradients are computed in the forward at grad_loss = 1 (in fp32 for 16-bit
+            inputs) and multiplied by grad_loss in the backward, then rounded once to the input
+            dtype. Each graph keeps its buffers (at N=256, D=8192, bf16: about 30 MiB, and
+            8 MiB more for the fp32 gradients) while it is cached (at most 8).
 
     Returns:
         A 0-dim fp32 tensor (fp64 for fp64 inputs). Gradients reach z1 and z2 in their dtype.

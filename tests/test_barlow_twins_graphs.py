@@ -130,12 +130,37 @@ def test_grad_loss_scales_the_gradients(fake, device):
     if device.type == "cuda":
         pytest.skip("fake backend: CPU only")
     z1, z2 = _views(dtype=torch.bfloat16)
-    want = _plain(z1, z2)
+    a, b = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+    want = torch.autograd.grad(barlow_twins_loss(a, b) * 3.0, (a, b))  # 3 * dz, rounded once
     for _ in range(3):
         got = _graphed(z1, z2, scale_grad=3.0)
-        for g, w in zip(got[1:], want[1:]):
-            # 3 * (dz rounded to bf16), rounded again: within one bf16 rounding of 3 * dz
-            assert torch.allclose(g.float(), 3 * w.float(), rtol=2 ** -8, atol=0)
+        for g, w in zip(got[1:], want):
+            # 3 * (dz in fp32), rounded once to bf16: the direct path's value up to fp32 rounding
+            assert torch.allclose(g.float(), w.float(), rtol=2 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("path", ["gram", "cross", "gram-chunked"])
+def test_fp16_gradients_neither_underflow_nor_overflow(fake, device, path, monkeypatch):
+    """The graph computes the gradients at grad_loss = 1. Stored in fp16 there they underflowed
+    (a GradScaler's grad_loss of 2^16 then multiplied subnormals: 4.8% error) or overflowed to
+    inf where grad_loss * dz is finite (94.75 here); the direct path rounds grad_loss * dz once.
+    "gram-chunked": the multi-tile backward whose K-loop operands are the forward's a, b."""
+    if device.type == "cuda":
+        pytest.skip("fake backend: CPU only")
+    if path == "gram-chunked":
+        monkeypatch.setattr(bt, "_FINAL_MAX_ROWS", 0)
+        monkeypatch.setattr(bt, "_FP32_MAX_ROWS", 0)  # fp16 operands: the forward's a, b kept
+    z1, z2 = _views(d=64, dtype=torch.float16)
+    method = "cross" if path == "cross" else "gram"
+    for scale, grad in ((1e-6, 2.0 ** 16), (1e5, 2.0 ** -10)):
+        a, b = z1.detach().clone().requires_grad_(), z2.detach().clone().requires_grad_()
+        want = torch.autograd.grad(barlow_twins_loss(a, b, scale=scale, method=method) * grad,
+                                   (a, b))
+        for _ in range(3):  # direct, captured and replayed, replayed
+            got = _graphed(z1, z2, scale_grad=grad, scale=scale, method=method)
+            for g, w in zip(got[1:], want):
+                assert g.dtype == torch.float16 and torch.isfinite(g).all(), (scale, path)
+                assert torch.allclose(g.float(), w.float(), rtol=2 ** -10, atol=0), (scale, path)
 
 
 def test_falls_back_to_the_direct_path(fake, device):

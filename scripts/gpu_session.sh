@@ -22,9 +22,12 @@
 #                    (the memory-option parts also run e2e without the options first: the
 #                    ratio baseline of their report, as the issue's bars are against plain e2e)
 #   compare_store    the same with --no-expander-recompute (the expander's map stored)
-#   independent      compare_default's steps timed in a plain loop (scripts/gpu_profile_independent.py)
+#   independent      compare_default's steps (else compare_noexp's) timed in a plain loop
+#                    (scripts/gpu_profile_independent.py)
 #   energy           NVML counter vs power integration on >= 10 s windows
-#   maxbatch         python -m profiling maxbatch, the three modes, the compare settings
+#   maxbatch         python -m profiling maxbatch, the compare settings, one process per mode
+#                    (maxbatch_e2e/, maxbatch_simultaneous/, maxbatch_sequential/): 4 probes of
+#                    30-48 s each per mode, about 450-500 s for the three
 #   bt_bench         the Barlow Twins loss benchmark (fused vs eager autocast vs torch.compile,
 #                    host_floor: one empty launch each way, the host's cost per call;
 #                    fused_graph: the loss with cuda_graphs=True, replayed from CUDA graphs;
@@ -45,11 +48,15 @@
 # Suggested split of one session's 30 minutes of device time (each call also pays the machine's
 # start-up, ~30 s on an H100; a task may be lent a machine for one call only, as the fifth
 # session was: put first what no earlier session measured). Guards in seconds:
-#   1. PARTS="cuda_only bt_bench bt_accuracy energy compare_noexp"  (150 + 150 + 90 + 75 + 130):
+#   1. PARTS="cuda_only bt_bench bt_accuracy energy compare_noexp"  (150 + 150 + 90 + 75 + 170;
+#      each compare run took 30-47 s wall on the H100 in the fifth session, mostly process
+#      start-up, so a three-mode compare needs ~140 s; the last part gets what is left):
 #      the CUDA-graph tests, every line of issue 3's bar on the current loss code, counter vs
 #      integration, the throughput bar without expanders
-#   2. SEED=<dir holding compare_default/, carried> PARTS="independent maxbatch" (120 + 420), or
-#      PARTS="compare_default independent compare_ckpt1_split" when nothing is carried
+#   2. PARTS="independent compare_ckpt1_split" (120 + 210; independent reads call 1's
+#      compare_noexp/ when $WORK survived on a still-warm machine, else SEED=<dir holding it>), or
+#      PARTS="compare_default independent compare_ckpt1_split" when nothing is carried;
+#      PARTS="maxbatch" in a call of its own (3 x 200)
 #   3. PARTS="cuda_tests compare_noexp_ckpt_split step_bench expander_bench"
 #   measured in the fifth session (commit b352a4d): compare_default, compare_ckpt_split (reports
 #      in docs/reports/h100_session5_*); cuda_tests passed 40 tests before its guard
@@ -149,24 +156,33 @@ for part in $PARTS; do
             guard compare_noexp_ckpt_split 210 "${COMPARE[@]}" --out "$WORK/compare_noexp_ckpt_split" \
                 --baseline-without "$MEMOPTS" -- --expander 0 --activation-checkpointing --split-views ;;
         compare_noexp)
-            guard compare_noexp 130 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
+            guard compare_noexp 170 "${COMPARE[@]}" --out "$WORK/compare_noexp" -- --expander 0 ;;
         compare_store)
             guard compare_store 150 "${COMPARE[@]}" --out "$WORK/compare_store" \
                 -- --no-expander-recompute ;;
         independent)
-            if [ -f "$WORK/compare_default/report.json" ]; then
+            # compare_default's report, else compare_noexp's: both at issue 5's settings
+            rep=""
+            for r in compare_default compare_noexp; do
+                [ -f "$WORK/$r/report.json" ] && { rep="$WORK/$r/report.json"; break; }
+            done
+            if [ -n "$rep" ]; then
                 guard independent 120 python scripts/gpu_profile_independent.py \
-                    --report "$WORK/compare_default/report.json" --out "$WORK/independent"
+                    --report "$rep" --out "$WORK/independent"
             else
-                say "-- independent: skipped (needs compare_default in this call or in SEED)"
+                say "-- independent: skipped (needs compare_default or compare_noexp in this call or in SEED)"
             fi ;;
         energy)
             guard energy 75 python scripts/gpu_profile_energy.py --out "$WORK/energy" --no-overheads ;;
         maxbatch)
-            guard maxbatch 420 python -m profiling maxbatch --modes e2e,simultaneous,sequential \
-                --arch "$ARCH" --image-size "$IMG" --projector "$PROJ" --device "$DEVICE" \
-                --fused on --start "$BATCH" --granularity 64 --max-probes 4 --max-batch 4096 \
-                --out "$WORK/maxbatch" -- --precision bf16 ;;
+            # one process per mode: maxbatch writes its report only at its end, so a guard that
+            # stops a mode's search loses that mode alone (each probe is a fresh trainer, 30-48 s)
+            for m in e2e simultaneous sequential; do
+                guard "maxbatch_$m" 200 python -m profiling maxbatch --modes "$m" \
+                    --arch "$ARCH" --image-size "$IMG" --projector "$PROJ" --device "$DEVICE" \
+                    --fused on --start "$BATCH" --granularity 64 --max-probes 4 --max-batch 4096 \
+                    --out "$WORK/maxbatch_$m" -- --precision bf16
+            done ;;
         bt_bench)
             guard bt_bench 150 "${BENCH[@]}" tests/benchmarks/test_bench_barlow_twins.py \
                 -k "not fused_cross" --benchmark-json "$WORK/bt_bench.json"
@@ -198,7 +214,7 @@ for r in compare_default compare_split compare_noexp compare_store compare_ckpt 
         say "## $r"; grep '^|' "$WORK/$r/report.md" | head -40 | tee -a "$LOG"
     fi
 done
-[ -f "$WORK/maxbatch/maxbatch.md" ] && grep '^|' "$WORK/maxbatch/maxbatch.md" | tee -a "$LOG"
+for f in "$WORK"/maxbatch_*/maxbatch.md; do [ -f "$f" ] && grep '^|' "$f" | tee -a "$LOG"; done
 grep -h -E "^(ENERGY CHECK|INDEPENDENT CHECK|PASS|FAIL|accuracy N=)" "$WORK"/*.log 2>/dev/null | tee -a "$LOG"
 say ""; say "== issue bars (scripts/issue_bars.py) =="
 BARS=()

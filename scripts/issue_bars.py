@@ -29,6 +29,11 @@ from profiling import bench  # noqa: E402
 #: the settings issue 4's bars are stated at (report header "settings")
 ISSUE4_SETTINGS = {"arch": "resnet50", "image_size": 224, "batch_size": 256,
                    "projector": "8192-8192-8192", "precision": "bf16", "optimizer": "lars"}
+#: the GPU every bar is stated on (a device call may be given an H200 when no H100 is free)
+BAR_GPU = "H100"
+#: trainer flags that make an e2e run other than plain e2e (the memory bars' baseline)
+NOT_PLAIN = ("--split-views", "--activation-checkpointing", "--checkpoint-blocks",
+             "--no-expander-recompute")
 
 
 def _verdict(ok: bool) -> str:
@@ -52,6 +57,8 @@ def compare_bars(rep: Dict[str, Any], path: str) -> List[str]:
     gpu = (rep.get("header") or {}).get("gpu")
     if not gpu:
         off.append("no GPU")
+    elif BAR_GPU not in str(gpu):
+        off.append(f"GPU {gpu} (bar: an {BAR_GPU})")
     # the summary's rows are the runs in order; a row's label may carry a suffix (sequential
     # mode's "(all 4 blocks, one pass each)"), so rows are matched to runs by position
     table_rows = rep["tables"]["summary"]["rows"]
@@ -63,6 +70,11 @@ def compare_bars(rep: Dict[str, Any], path: str) -> List[str]:
     runs = {r["label"]: r for r in run_list}
     base = rep.get("baseline")
     out = [f"BAR {tag} baseline: {base or 'none'}; GPU {gpu or 'n/a'}"]
+    # the bars are against plain e2e: a baseline run with a memory option is not that
+    base_cmd = next((r.get("command") or [] for r in run_list if r.get("label") == base), [])
+    opts = [f for f in NOT_PLAIN if any(str(a).split("=", 1)[0] == f for a in base_cmd)]
+    if opts:
+        off.append(f"baseline {base!r} is not plain e2e (it ran with {' '.join(opts)})")
     if off:
         out.append(f"BAR {tag} n/a: not the bar's settings: {', '.join(off)}")
         return out
@@ -128,6 +140,9 @@ def bt_bars(data: Dict[str, Any], path: str, provider: str = "fused_auto") -> Li
     out = []
     if not by_n:
         return [f"BAR issue 3: n/a (no timed bf16 D=8192 benchmark in {path})"]
+    gpu = (data.get("machine_info") or {}).get("cuda_device")
+    if gpu and BAR_GPU not in str(gpu):  # files before the conftest hook do not record it
+        return [f"BAR issue 3: {provider}: n/a (measured on {gpu}; the bar is on an {BAR_GPU})"]
     for n, speed in ((256, 10.0), (1024, None), (2048, 2.0)):
         got = by_n.get(n, {})
         f, c = got.get(provider), got.get("torch_compile")

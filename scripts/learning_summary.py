@@ -41,6 +41,26 @@ def _epochs(cfg: dict):
     return c.get("epochs")
 
 
+#: issue 4's learning bar: ResNet-18 with the small stem, 32x32, 80 epochs, a CIFAR-10 layout
+LEARNING_BAR = {"arch": "resnet18", "small_stem": True, "image_size": 32, "epochs": 80}
+
+
+def _off_bar(cfg: dict) -> list:
+    """How a run's settings differ from the learning bar's (empty: the bar's run)."""
+    c = cfg.get("config", cfg)
+    off = [f"{k} {c.get(k)!r} (bar: {v!r})" for k, v in LEARNING_BAR.items() if c.get(k) != v]
+    if c.get("dataset") not in ("cifar10", "imagefolder"):
+        off.append(f"dataset {c.get('dataset')!r} (bar: a CIFAR-10 layout)")
+    if c.get("max_steps"):
+        off.append(f"max_steps {c.get('max_steps')} (bar: every epoch)")
+    return off
+
+
+def _note(*cfgs: dict) -> str:
+    off = sorted({x for cfg in cfgs for x in _off_bar(cfg)})
+    return f" [not issue 4's learning bar: {', '.join(off)}]" if off else ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder")
@@ -89,7 +109,7 @@ def main(argv=None) -> int:
             good = top1[b] - ctrl[b] >= a.margin
             ok &= good
             print(f"{'PASS' if good else 'FAIL'}: {n} {b} {top1[b]:.2f} vs random init "
-                  f"{ctrl[b]:.2f} (need +{a.margin:g})")
+                  f"{ctrl[b]:.2f} (need +{a.margin:g})" + _note(cfg))
         if e2e is None:
             print(f"-- {n}: no e2e run here, the 'within 2 points of e2e' criterion is not checked")
             continue
@@ -101,7 +121,7 @@ def main(argv=None) -> int:
         good = best >= e2e4 - 2
         ok &= good
         print(f"{'PASS' if good else 'FAIL'}: {n} best block {best:.2f} vs e2e block 4 "
-              f"{e2e4:.2f} (need >= {e2e4 - 2:.2f})")
+              f"{e2e4:.2f} (need >= {e2e4 - 2:.2f})" + _note(cfg, runs[e2e][2]))
     return 0 if ok else 1
 
 

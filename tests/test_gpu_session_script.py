@@ -48,6 +48,33 @@ def test_cpu_dry_run_of_a_compare_part(tmp_path):
     assert (tmp_path / "out" / "session.tar.gz").stat().st_size > 0
 
 
+def test_compare_guards_cover_fresh_process_startup():
+    """Each compare run is a fresh trainer process: 30-47 s wall each on the H100 in the fifth
+    session (3 runs in 135 s at 10 steps; 20 steps add ~5 s a run). A guard under 50 s a run
+    stops the part before compare writes its report, and nothing of it comes back."""
+    text = SCRIPT.read_text()
+    found = re.findall(r'guard (compare_\w+) (\d+) "\$\{COMPARE\[@\]\}"(.*?);;', text, re.S)
+    assert len(found) == 8, found
+    for name, guard, rest in found:
+        runs = 3 + ("--baseline-without" in rest)  # the modes, and plain e2e first
+        assert int(guard) >= 50 * runs, (name, guard, runs)
+
+
+def test_independent_reads_compare_noexp_and_maxbatch_runs_per_mode(tmp_path):
+    """The planned first call runs compare_noexp, not compare_default: a later call's
+    independent check must read it rather than skip issue 5's bar. maxbatch writes its report
+    only at its end: one process per mode, so a guard that stops one mode keeps the others."""
+    work = tmp_path / "work" / "compare_noexp"
+    work.mkdir(parents=True)
+    (work / "report.json").write_text("{}")
+    p = _run(tmp_path, "independent maxbatch", timeout=120)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "== independent (guard" in summary and "independent: skipped" not in summary, summary
+    for m in ("e2e", "simultaneous", "sequential"):
+        assert f"== maxbatch_{m} (guard" in summary, summary  # (CPU: exit 2, needs CUDA)
+    assert p.returncode == 0
+
+
 # (scripts/gpu_profile_smi.py is a module without a command line: gpu_profile_independent.py
 # imports it)
 SCRIPTS = ["scripts/gpu_profile_independent.py", "scripts/gpu_profile_energy.py",

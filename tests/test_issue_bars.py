@@ -99,6 +99,34 @@ def test_compare_bars_refuses_other_settings():
     assert not any(x.endswith(("PASS", "MISS")) for x in lines)
 
 
+def test_bars_are_on_an_h100_only():
+    """A device call may be given an H200 when no H100 is free: its figures are not the bars'."""
+    lines = issue_bars.compare_bars(_report(gpu="NVIDIA H200"), "r.json")
+    assert "GPU NVIDIA H200 (bar: an H100)" in lines[1]
+    assert not any(x.endswith(("PASS", "MISS")) for x in lines)
+    data = bench.load(H100_BT)
+    data["machine_info"]["cuda_device"] = "NVIDIA H200"
+    [line] = issue_bars.bt_bars(data, "bt.json")
+    assert "n/a (measured on NVIDIA H200; the bar is on an H100)" in line
+    data["machine_info"]["cuda_device"] = "NVIDIA H100 80GB HBM3"
+    assert sum(x.endswith(("PASS", "MISS")) for x in issue_bars.bt_bars(data, "bt.json")) == 5
+
+
+def test_memory_bars_need_a_plain_e2e_baseline():
+    """A report whose baseline e2e ran with a memory option (compare without --baseline-without,
+    or compare_store's --no-expander-recompute) is not judged against the bars."""
+    for flags in (["--split-views"], ["--activation-checkpointing", "--checkpoint-blocks=1"],
+                  ["--no-expander-recompute"]):
+        rep = _report()
+        rep["runs"][0]["command"] = ["python", "-m", "blockwise.train", "--mode", "e2e"] + flags
+        lines = issue_bars.compare_bars(rep, "r.json")
+        assert "is not plain e2e (it ran with" in lines[1] and flags[0] in lines[1], lines
+        assert not any(x.endswith(("PASS", "MISS")) for x in lines)
+    rep = _report()
+    rep["runs"][0]["command"] = ["python", "-m", "blockwise.train", "--mode", "e2e", "--fused"]
+    assert any(x.endswith("PASS") for x in issue_bars.compare_bars(rep, "r.json"))
+
+
 def test_cli(tmp_path, capsys):
     path = tmp_path / "cmp" / "report.json"
     path.parent.mkdir()

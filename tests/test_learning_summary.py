@@ -52,6 +52,27 @@ def test_unequal_epochs_are_not_compared(tmp_path, capsys):
     assert "20 epochs vs e2e's 80: not compared" in capsys.readouterr().out
 
 
+def test_lines_say_when_a_run_is_not_the_bars(tmp_path, capsys):
+    """Issue 4's learning bar is ResNet-18, small stem, 32x32, 80 epochs on a CIFAR-10 layout:
+    a PASS from a shorter run (the first session's was 20 epochs) must say it is not that."""
+    bar = {"arch": "resnet18", "small_stem": True, "image_size": 32, "dataset": "imagefolder",
+           "max_steps": None}
+    for name, top1 in (("e2e", {"block1": 45, "block2": 50, "block3": 55, "block4": 70.0}),
+                       ("simultaneous", {"block1": 50, "block2": 60, "block3": 69, "block4": 66})):
+        _run(tmp_path, name, top1, CTRL)
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": dict(bar, epochs=80)}))
+    assert learning_summary.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: simultaneous best block 69.00 vs e2e block 4 70.00 (need >= 68.00)\n" in out
+    assert "not issue 4's learning bar" not in out
+    for name in ("e2e", "simultaneous"):
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": dict(bar, epochs=20)}))
+    assert learning_summary.main([str(tmp_path)]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 5
+    assert all(x.endswith("[not issue 4's learning bar: epochs 20 (bar: 80)]") for x in lines)
+
+
 @pytest.mark.parametrize("make", [False, True])
 def test_no_runs_is_exit_2(tmp_path, make):
     folder = tmp_path / "x"

@@ -98,12 +98,22 @@ def _claim_default_out() -> str:
 
 
 def _existing_run_problem(cfg: Config, out: str) -> Optional[str]:
-    """Why a fresh run may not use ``out`` (it holds a run), or None."""
-    if cfg.resume or not os.path.isdir(out):
+    """Why a run may not use ``out`` (it holds another run), or None. A resumed run may write
+    into the directory it resumes, or into one that holds no run."""
+    if not os.path.isdir(out):
         return None
+    if cfg.resume:
+        where = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(
+            os.path.abspath(cfg.resume))
+        if os.path.realpath(out) == os.path.realpath(where):
+            return None
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if not found:
         return None
+    if cfg.resume:
+        return (f"--out {out!r} already holds another run ({', '.join(found)}); resuming "
+                f"{cfg.resume!r} there would overwrite it. Leave --out out to continue in the "
+                "resumed run's directory, or choose an --out that holds no run")
     return (f"--out {out!r} already holds a run ({', '.join(found)}); a new run would overwrite "
             f"it. Continue it with --resume {out}, or choose another --out")
 
@@ -243,6 +253,8 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
         workers = summary.get("loader_workers")
         who = (f"{workers} worker(s) x 1 / their measured time per pair" if workers
                else "the main process: 1 / measured time per pair")
+        if (summary.get("world_size") or 1) > 1:
+            who += f", times {summary['world_size']} processes"
         lines.append(f"loader: capacity about {loader:.0f} pairs/s, i.e. {2 * loader:.0f} images/s "
                      f"({who}); waiting for data "
                      f"{100 * (wait or 0):.1f}% of the run")

@@ -209,7 +209,7 @@ class Stage(nn.Module):
 
     def _block(self, x: torch.Tensor) -> torch.Tensor:
         y = models.forward_block(self.block, x, self.checkpointed)
-        return models.add_noise(y, self.noise_std, self.training)
+        return _add_noise(y, self.noise_std, self.training)
 
     def forward(self, x1: torch.Tensor, x2: Optional[torch.Tensor] = None):
         name = f"block{self.index + 1}"
@@ -244,12 +244,50 @@ class EndToEnd(nn.Module):
         views = [x1] if x2 is None else [x1, x2]
         for k, block in enumerate(self.blocks):
             with self.prof.window(f"block{k + 1}/forward"):
-                views = [models.add_noise(models.forward_block(block, x, self.checkpointed[k]),
-                                          self.noise_std, self.training) for x in views]
+                views = [_add_noise(models.forward_block(block, x, self.checkpointed[k]),
+                                    self.noise_std, self.training) for x in views]
         with self.prof.window("head"):
             if x2 is None:
                 return views[0], self.head(views[0])
             return self.loss_fn(self.head(views[0]), self.head(views[1]))
+
+
+class _NoisePlan:
+    """``--split-views`` with noise: each view gets the noise the joint step would give it.
+
+    The joint step draws, at each block output, view 1's noise and then view 2's (e2e: block 1
+    view 1, block 1 view 2, block 2 view 1, ...) from one generator. The split step runs view 2
+    first (no graph), then view 1, then view 2 again. In that first pass the plan keeps, at each
+    noise call, the generator's state, skips view 1's draw (the same shape), keeps the state again
+    and draws view 2's; the later passes set the kept state before each draw. ``rng``: get (no
+    argument) or set the generator's state."""
+
+    def __init__(self, rng: Callable):
+        self.rng, self.states, self.view, self.i = rng, [], 0, 0
+
+    def start(self, view: int) -> None:
+        self.view, self.i = view, 0
+
+    def __call__(self, y: torch.Tensor, std: float, training: bool) -> torch.Tensor:
+        if std == 0 or not training:
+            return models.add_noise(y, std, training)
+        if self.view == 0:  # the first pass (view 2): record
+            before_view1 = self.rng()
+            torch.randn_like(y)  # view 1's noise, drawn here in the joint step
+            self.states.append((before_view1, self.rng()))
+        else:
+            self.rng(self.states[self.i][self.view - 1])
+            self.i += 1
+        return models.add_noise(y, std, training)
+
+
+#: the noise plan of the split step in progress (None: draw in call order)
+_NOISE_PLAN: Optional[_NoisePlan] = None
+
+
+def _add_noise(y: torch.Tensor, std: float, training: bool) -> torch.Tensor:
+    plan = _NOISE_PLAN
+    return models.add_noise(y, std, training) if plan is None else plan(y, std, training)
 
 
 def _bn_buffers(module: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -656,17 +694,29 @@ class Trainer:
         with a graph: loss, backward (view 1's graph freed), then view 2 again with a graph:
         loss against the detached z1, backward; the parameter gradients add up to the joint
         step's. Only one view's activations are alive at a time (half the joint step's), for one
-        extra forward without graph. With noise, view 2 gets the same noise in both of its passes.
+        extra forward without graph. With noise, each view gets the noise of the joint step
+        (``_NoisePlan``), and the generator ends where the joint step leaves it.
         Returns (f1, f2, loss) like the joint step; with ``keep_outputs=False`` (the last block a
         step trains: its outputs feed no other block) (None, None, loss), and view 1's block
         output is released before view 2's pass instead of living through it (at block 1 of a
         ResNet-50 at 224 px, batch 256, bf16: 392 MiB of the sequential peak).
         """
+        global _NOISE_PLAN
+        plan = _NoisePlan(self._device_rng) if self.cfg.noise_std > 0 else None
+        _NOISE_PLAN = plan
+        try:
+            return self._split_views_planned(module, x1, x2, backward_window, keep_outputs, plan)
+        finally:
+            _NOISE_PLAN = None
+
+    def _split_views_planned(self, module, x1, x2, backward_window, keep_outputs, plan):
         factor = self.loss_fn.grad_factor
-        rng = self._device_rng() if self.cfg.noise_std > 0 else None
         saved = _bn_buffers(module)
         with torch.no_grad(), self._autocast():
             _, z2 = module(x2)  # view 2's embedding, no graph
+        after = self._device_rng() if plan is not None else None  # where the joint step ends
+        if plan is not None:
+            plan.start(1)
         for buf, copy in saved:
             buf.copy_(copy)  # as if this pass had not happened
         del saved
@@ -680,17 +730,15 @@ class Trainer:
         del z2
         if not keep_outputs:
             f1 = None
-        after_view1 = None
-        if rng is not None:
-            after_view1 = self._device_rng()
-            self._device_rng(rng)  # view 2's noise again
+        if plan is not None:
+            plan.start(2)  # view 2's noise again
         with self._autocast():
             f2, z2 = module(x2)
             loss2 = self.loss_fn(z1.detach(), z2)
         with self.windows.window(backward_window):
             (loss2 * factor).backward()  # frees view 2's graph
-        if after_view1 is not None:
-            self._device_rng(after_view1)
+        if after is not None:
+            self._device_rng(after)
         return (f1, f2, loss) if keep_outputs else (None, None, loss)
 
     def _device_rng(self, state: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
@@ -833,9 +881,12 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(self.run_dir, METRICS), "a") as fh:
                 for name, value in zip(names, mean):
+                    # the record's own block (simultaneous, sequential) where it is measured
+                    # alone; else (e2e: one window; --profile) the run's peak so far
+                    block_mem = self.peaks.get(f"block{name}", mem)
                     fh.write(json.dumps({
                         "step": self.state.step, "block": int(name), "loss": value,
-                        "lr": self._lr, "ms_per_step": ms, "peak_memory_gib": mem,
+                        "lr": self._lr, "ms_per_step": ms, "peak_memory_gib": block_mem,
                         "epoch": self.state.epoch, "phase_step": self.state.block_step,
                         "time_s": now - self._t_run}) + "\n")
         self._pending.clear()
@@ -934,8 +985,10 @@ class Trainer:
     def summary(self) -> Dict:
         elapsed = time.perf_counter() - self._t_run
         done = self._bar.n - self._bar.initial if hasattr(self, "_bar") else 0
-        pairs = done * self.cfg.batch_size
-        loader = (self.workers or 1) * self.samples / self.sample_time_s \
+        pairs = done * self.cfg.batch_size  # the global batch: pairs of all processes
+        # every process runs its own loader (workers, or itself) on its share of each batch:
+        # the job's capacity, to set beside the job's pairs/s
+        loader = self.dist.world_size * (self.workers or 1) * self.samples / self.sample_time_s \
             if self.sample_time_s > 0 else None
         return {
             "mode": self.cfg.mode,
@@ -951,6 +1004,7 @@ class Trainer:
             "optimizer_state_gib": self.resident_max["optimizer_state_bytes"] / GIB,
             "measured_steps": self.measured_steps,
             "loader_workers": self.workers,
+            "world_size": self.dist.world_size,
             "last_checkpoint": self.last_checkpoint,
         }
 

@@ -218,6 +218,24 @@ def test_resume_continues_and_rejects_changed_training_flags(tmp_path, capsys):
     assert code == 2 and "no checkpoint" in err
 
 
+def test_resume_into_another_runs_directory_is_refused(tmp_path, capsys):
+    """--resume A --out B, where B holds another run: refused, B untouched (it was overwritten,
+    and B's metrics.jsonl then mixed B's steps with A's continuation)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        code, _, err = run_main(TINY + ["--max-steps", "1", "--probe-epochs", "0", "--out", d],
+                                capsys)
+        assert code == 0, err
+    before = {f: (b / f).read_bytes() for f in train.RUN_FILES}
+    code, _, err = run_main(["--resume", a, "--out", b, "--probe-epochs", "0"], capsys)
+    assert code == 2 and "already holds another run" in err, err
+    assert {f: (b / f).read_bytes() for f in train.RUN_FILES} == before
+    # its own directory, named explicitly (and resumed from the checkpoint file): allowed
+    code, _, err = run_main(["--resume", a / "checkpoint.pt", "--out", a, "--max-steps", "2",
+                             "--probe-epochs", "0"], capsys)
+    assert code == 0, err
+
+
 def test_export_loads_into_torchvision_strictly(tmp_path, capsys):
     args = [a for a in TINY]
     i = args.index("--image-size")

@@ -246,6 +246,34 @@ def test_resume_equals_uninterrupted(tmp_path, mode, kw):
     assert [key(r) for r in la] == [key(r) for r in lc]
 
 
+@pytest.mark.parametrize("mode,kw", [("simultaneous", dict(max_steps=1)),
+                                     ("sequential", dict(steps_per_block=1))])
+def test_metrics_peak_memory_is_the_records_block(tmp_path, mode, kw, monkeypatch):
+    """Each metrics.jsonl record gives its own block's peak (CUDA: one window per block), not
+    the largest block's peak so far (which every record carried). CPU: the windows faked."""
+    tr = make(tmp_path, mode=mode, **kw)
+    fake = {"block1": 4.0, "block2": 3.0, "block3": 2.0, "block4": 1.0}
+    monkeypatch.setattr(tr, "_mem_end", lambda key: tr.peaks.__setitem__(key, fake[key]))
+    monkeypatch.setattr(tr, "peak_memory_gib",
+                        lambda: max(tr.peaks.values()) if tr.peaks else None)
+    tr.fit()
+    records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert sorted(r["block"] for r in records) == [1, 2, 3, 4]
+    for r in records:
+        assert r["peak_memory_gib"] == fake[f"block{r['block']}"], r
+
+
+def test_summary_loader_capacity_counts_every_process(tmp_path):
+    """Under torchrun every process runs its own loader on its share of each global batch: the
+    capacity set beside the job's pairs/s is the job's (it was one process's)."""
+    from blockwise.trainer import DistInfo
+    tr = make(tmp_path, max_steps=1)
+    tr.fit()
+    one = tr.summary()["loader_capacity_pairs_per_s"]
+    tr.dist = DistInfo(rank=0, world_size=4)  # the same per-process figures, 4 processes
+    assert tr.summary()["loader_capacity_pairs_per_s"] == pytest.approx(4 * one)
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tr = make(tmp_path, mode="simultaneous", log_interval=100)
     loss_fn, calls = tr.loss_fn, {"n": 0}
@@ -345,6 +373,27 @@ def test_split_views_gives_the_joint_gradient_with_half_the_activations(tmp_path
                       {n: v for n, v in params_of(split.blocks).items() if "running" in n},
                       "BN running statistics")
     assert peaks[1] < 0.6 * peaks[0], f"split views peak {peaks[1]} vs joint {peaks[0]} bytes"
+
+
+@pytest.mark.parametrize("mode", ["simultaneous", "e2e"])
+def test_split_views_with_noise_draws_the_joint_steps_noise(tmp_path, mode):
+    """--noise-std > 0: each view gets the noise the joint step gives it, and the generator ends
+    where the joint step leaves it (split views drew view 2's noise first: another trajectory,
+    so a resume that switched --split-views on or off was not exact)."""
+    joint = make(tmp_path / "j", mode=mode, noise_std=0.25)
+    split = make(tmp_path / "s", mode=mode, noise_std=0.25, split_views=True)
+    g_joint, g_split = _grads_at_steps(joint), _grads_at_steps(split)
+    x1, x2 = torch.randn(2, 8, 3, 8, 8).unbind(0)
+    losses, after = [], []
+    for tr in (joint, split):
+        torch.manual_seed(1)
+        losses.append(tr.train_step(x1, x2, lr=0.1))
+        after.append(torch.get_rng_state())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(after[0], after[1])
+    for k in g_joint:
+        for a, b in zip(g_joint[k], g_split[k]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["simultaneous", "e2e", "sequential"])

@@ -275,6 +275,12 @@ class Config:
             _positive("pool_window", self.pool_window)
         if self.max_steps is not None:
             _positive("max_steps", self.max_steps)
+            if self.profile and self.max_steps <= self.profile_warmup:
+                raise ValueError(
+                    f"--profile would measure nothing: --max-steps {self.max_steps} <= "
+                    f"--profile-warmup {self.profile_warmup} (steps run before the measured "
+                    f"part); valid: --max-steps above --profile-warmup, or a smaller "
+                    f"--profile-warmup (0 measures from the first step)")
         if self.mode != "sequential":
             for name in ("block_epochs", "steps_per_block"):
                 if getattr(self, name) is not None:

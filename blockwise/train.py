@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -114,8 +115,15 @@ def _existing_run_problem(cfg: Config, out: str) -> Optional[str]:
         return (f"--out {out!r} already holds another run ({', '.join(found)}); resuming "
                 f"{cfg.resume!r} there would overwrite it. Leave --out out to continue in the "
                 "resumed run's directory, or choose an --out that holds no run")
-    return (f"--out {out!r} already holds a run ({', '.join(found)}); a new run would overwrite "
-            f"it. Continue it with --resume {out}, or choose another --out")
+    if "checkpoint.pt" in found:
+        return (f"--out {out!r} already holds a run ({', '.join(found)}); a new run would "
+                f"overwrite it. Continue it with --resume {out}, or choose another --out")
+    # no checkpoint (a --profile run, a stop before the first epoch ended, a non-finite loss
+    # before any): nothing to resume from
+    return (f"--out {out!r} already holds a run ({', '.join(found)}) without a checkpoint, so it "
+            f"cannot be resumed (--profile runs write none unless --checkpoint; a run stopped "
+            f"before its first epoch ended has none). Choose another --out, or delete {out!r} "
+            f"to reuse it")
 
 
 def _resolve_out(cfg: Config, info: DistInfo) -> str:
@@ -191,6 +199,12 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
                     "loss_uses_kernel": trainer.loss_fn.use_kernel}
             trainer.prof.save(os.path.join(cfg.out, "profile.json"), meta=meta)
             summary["profile"] = os.path.join(cfg.out, "profile.json")
+            if trainer.measured_steps == 0:  # e.g. resumed a few steps before --max-steps
+                summary["profile_note"] = (
+                    f"nothing measured: this process ran {summary.get('steps_this_process', 0)} step(s), all "
+                    f"within the --profile-warmup {cfg.profile_warmup} warm-up steps (per "
+                    f"phase); run more steps or lower --profile-warmup")
+                warnings.warn(f"--profile: {summary['profile_note']}", RuntimeWarning)
         summary["export"] = _export(trainer) if main else None
         if info.enabled:
             # training is over on every rank: leave the job now, so that the other ranks do not
@@ -271,7 +285,8 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                      f"optimizer state {summary['optimizer_state_gib']:.2f} GiB (blocks and "
                      f"heads; part of any peak above)")
     if summary.get("profile"):
-        lines.append(f"profile: {summary['profile']}")
+        lines.append(f"profile: {summary['profile']}" + (
+            f" ({summary['profile_note']})" if summary.get("profile_note") else ""))
     export = summary.get("export")
     if export:
         lines.append(f"backbone: {export['path']}" + ("" if export["strict_torchvision"]

@@ -115,6 +115,25 @@ def test_profile_on_resume_warms_up_in_this_process(tmp_path, capsys):
     meta = json.loads((tmp_path / "profile.json").read_text())["meta"]
     assert meta["measured_steps"] == 2  # steps 2, 3, 4 of 4: one warm-up, two measured
     assert meta["flops_per_step"][0] > 0  # counted in the warm-up step
+    # resumed 1 step before --max-steps with 5 warm-up steps: nothing measured, and it says so
+    with pytest.warns(RuntimeWarning, match="nothing measured"):
+        code, out, err = run_main(["--resume", tmp_path, "--profile", "--max-steps", "5",
+                                   "--probe-epochs", "0"], capsys)
+    assert code == 0, err
+    assert "profile: " in out and "(nothing measured: this process ran 0 step(s)" in out
+
+
+def test_a_run_without_checkpoint_is_not_offered_to_resume(tmp_path, capsys):
+    """A --profile run writes no checkpoint: its --out is refused for a new run, and the message
+    must not send the user to --resume (which would fail: no checkpoint)."""
+    code, _, err = run_main(TINY + ["--mode", "e2e", "--max-steps", "2", "--probe-epochs", "0",
+                                    "--profile", "--profile-warmup", "1", "--out", tmp_path],
+                            capsys)
+    assert code == 0, err
+    assert not (tmp_path / "checkpoint.pt").exists()
+    code, _, err = run_main(TINY + ["--max-steps", "1", "--out", tmp_path], capsys)
+    assert code == 2 and "without a checkpoint, so it cannot be resumed" in err, err
+    assert "--resume" not in err.replace("cannot be resumed", "")
 
 
 def test_profile_phases_times_every_window(tmp_path, capsys):
@@ -145,6 +164,8 @@ BAD = [
     (["--synthetic-size", "4"], "fewer than one batch"),
     (["--seed", "100000000000000000000"], "--seed must be an integer in [0, 2**32)"),
     (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
+    (["--profile", "--max-steps", "3"], "--profile would measure nothing: --max-steps 3 <= "
+                                        "--profile-warmup 5"),
 ]
 
 

@@ -13,8 +13,9 @@ backbone_torchvision.pt (ImageNet stem; backbone_small_stem.pt for the small ste
 summary.json, and profile.json with --profile.
 
 Exit codes: 0 done; 2 bad input (unknown name, missing data, batch too small, non-finite loss:
-a one-line message, no traceback); 3 CUDA out of memory ("out of memory: ..."; nothing
-half-written).
+a one-line message, no traceback; also an unreadable image file, an --out that cannot be a run
+directory); 3 CUDA out of memory ("out of memory: ..."; nothing half-written); 130 interrupted
+(Ctrl-C: one line naming the step and whether a checkpoint is there to --resume).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import warnings
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+from PIL import UnidentifiedImageError
 
 from blockwise import config as config_mod
 from blockwise import models
@@ -39,6 +41,7 @@ from blockwise.trainer import DistInfo, NonFiniteLoss, Trainer, setup_distribute
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
+EXIT_INTERRUPTED = 130  # as a shell reports SIGINT
 
 
 class _Exit(Exception):
@@ -101,6 +104,9 @@ def _claim_default_out() -> str:
 def _existing_run_problem(cfg: Config, out: str) -> Optional[str]:
     """Why a run may not use ``out`` (it holds another run), or None. A resumed run may write
     into the directory it resumes, or into one that holds no run."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return (f"--out {out!r} exists and is not a directory; valid: a directory that holds no "
+                f"run (created if missing)")
     if not os.path.isdir(out):
         return None
     if cfg.resume:
@@ -134,6 +140,12 @@ def _resolve_out(cfg: Config, info: DistInfo) -> str:
         if out is None:
             out = _claim_default_out()
         problem = _existing_run_problem(cfg, out)
+        if problem is None:
+            try:  # here, not after the model and data are built: a bad path fails at once
+                os.makedirs(out, exist_ok=True)
+            except OSError as err:
+                problem = (f"--out {out!r}: cannot create the run directory "
+                           f"({err.strerror or err}); valid: a writable directory path")
     if info.enabled:
         import torch.distributed as dist
         box = [out, problem]
@@ -221,6 +233,13 @@ def run(cfg: Config, info: DistInfo, log=print) -> Dict[str, Any]:
             atomic_write_json(os.path.join(cfg.out, PROBE), probe)
     except _Exit:
         raise
+    except KeyboardInterrupt:
+        kept = (f"the last checkpoint is kept: continue with --resume {cfg.out}"
+                if trainer.last_checkpoint else "no checkpoint had been written yet")
+        raise _Exit(EXIT_INTERRUPTED, f"interrupted at step {trainer.state.step}; {kept}") from None
+    except UnidentifiedImageError as err:  # a corrupt or non-image file in the data tree
+        raise _Exit(EXIT_BAD_INPUT, f"error: {err}; remove or replace that file (the data "
+                                    f"directory must hold readable images only)") from None
     except BaseException as err:
         if _is_oom(err):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

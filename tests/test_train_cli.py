@@ -297,3 +297,45 @@ def test_default_run_directories_never_collide(tmp_path, monkeypatch):
     got = [train._claim_default_out() for _ in range(3)]
     assert got == [os.path.join("runs", "20300102-030405" + s) for s in ("", "-2", "-3")]
     assert all(os.path.isdir(g) for g in got)
+
+
+def test_out_that_cannot_be_a_run_directory_is_bad_input(tmp_path, capsys):
+    """--out naming a file, or a path that cannot be created: exit 2, one line naming --out
+    (a file gave a FileExistsError traceback after the model and data were built)."""
+    a_file = tmp_path / "config.json"
+    a_file.write_text("{}")
+    code, _, err = run_main(TINY + ["--max-steps", "1", "--out", a_file], capsys)
+    assert code == 2 and "exists and is not a directory" in err and "Traceback" not in err, err
+    under_a_file = a_file / "run"
+    code, _, err = run_main(TINY + ["--max-steps", "1", "--out", under_a_file], capsys)
+    assert code == 2 and "cannot create the run directory" in err, err
+    assert a_file.read_text() == "{}"
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path, capsys, monkeypatch):
+    def interrupted(self):
+        self.state.step = 7
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    code, _, err = run_main(TINY + ["--out", tmp_path], capsys)
+    assert code == 130
+    assert err == "interrupted at step 7; no checkpoint had been written yet\n"
+
+
+def test_unreadable_image_is_bad_input(tmp_path, capsys):
+    """A corrupt file in an imagefolder tree: exit 2 naming the file, not a PIL traceback."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(
+                    tmp_path / "data" / split / cls / f"{i}.png")
+    (tmp_path / "data" / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    code, _, err = run_main(["--dataset", "imagefolder", "--data-dir", tmp_path / "data",
+                             "--image-size", "8", "--batch-size", "4", "--projector", "16-16",
+                             "--arch", "resnet18", "--epochs", "1", "--probe-epochs", "0",
+                             "--out", tmp_path / "run"], capsys)
+    assert code == 2, err
+    assert "broken.png" in err and "remove or replace that file" in err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -312,6 +312,11 @@ def format_summary(summary: Dict[str, Any], cfg: Config) -> str:
                                                      else f" ({export['note']})"))
     if summary.get("probe"):
         lines.append(format_table(summary["probe"]))
+        untrained = summary.get("untrained_blocks") or []
+        if untrained:
+            lines.append(f"note: block(s) {', '.join(map(str, untrained))} got no training step "
+                         f"(sequential mode stopped by --max-steps before them): their "
+                         f"'pre-trained' column is their random initialisation")
         if summary["probe"].get("dataset") == "digits":
             lines.append(DIGITS_PROBE_NOTE)
         if summary["probe"].get("probe_time_s") is not None:

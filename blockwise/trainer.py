@@ -1006,7 +1006,16 @@ class Trainer:
             "loader_workers": self.workers,
             "world_size": self.dist.world_size,
             "last_checkpoint": self.last_checkpoint,
+            "untrained_blocks": self.untrained_blocks(),
         }
+
+    def untrained_blocks(self) -> List[int]:
+        """Blocks (1-based) that no step of this run has trained: in sequential mode, those after
+        the block --max-steps stopped in (their weights are their random initialisation)."""
+        if self.cfg.mode != "sequential":
+            return []
+        first = self.state.block + (1 if self.state.block_step > 0 else 0)
+        return list(range(first + 1, 5))
 
     def close(self) -> None:
         self.prof.close()

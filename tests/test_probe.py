@@ -90,6 +90,8 @@ def test_probe_cli_on_a_saved_run(tmp_path, capsys):
     result = json.loads((tmp_path / "probe.json").read_text())
     assert result["schema"] == "blockwise.probe/1" and result["probe_epochs"] == 3
     assert result["step"] == 2 and result["num_classes"] == 4
+    # summary.json's probe is the new one (it kept the run's null probe)
+    assert json.loads((tmp_path / "summary.json").read_text())["probe"] == result
     for name in ("top1", "control_top1"):
         assert set(result[name]) == {"block1", "block2", "block3", "block4"}
         assert all(0 <= v <= 100 for v in result[name].values())

@@ -339,3 +339,14 @@ def test_unreadable_image_is_bad_input(tmp_path, capsys):
     assert code == 2, err
     assert "broken.png" in err and "remove or replace that file" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_sequential_stopped_early_says_which_blocks_never_trained(tmp_path, capsys):
+    """--max-steps inside block 1 of sequential mode: blocks 2-4 keep their random init, and
+    the probe table must not pass them off as pre-trained without a word."""
+    code, out, err = run_main(TINY + ["--mode", "sequential", "--max-steps", "2",
+                                      "--probe-epochs", "1", "--no-probe-control",
+                                      "--out", tmp_path], capsys)
+    assert code == 0, err
+    assert "note: block(s) 2, 3, 4 got no training step" in out
+    assert json.loads((tmp_path / "summary.json").read_text())["untrained_blocks"] == [2, 3, 4]

@@ -74,8 +74,13 @@ def load_checkpoint(run_dir_or_file: str, map_location: Optional[str] = "cpu") -
     """Load a checkpoint written by the trainer; a clear FileNotFoundError/ValueError otherwise."""
     path = checkpoint_path(run_dir_or_file)
     if not os.path.isfile(path):
+        why = ""
+        if os.path.isdir(run_dir_or_file) and os.path.isfile(
+                os.path.join(run_dir_or_file, "profile.json")):
+            why = ("; this is a --profile run, which writes no checkpoint unless it is given "
+                   "--checkpoint")
         raise FileNotFoundError(f"no checkpoint at {path!r} (expected a run directory holding "
-                                f"{CHECKPOINT}, or the checkpoint file itself)")
+                                f"{CHECKPOINT}, or the checkpoint file itself){why}")
     # weights_only=False: the checkpoint holds RNG states (numpy arrays, python tuples) written
     # by this program; only load checkpoints you made yourself.
     try:

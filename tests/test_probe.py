@@ -117,7 +117,11 @@ def test_probe_cli_on_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_probe_cli_without_checkpoint(tmp_path, capsys):
     assert probe.main([str(tmp_path)]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "--profile run" not in err
+    (tmp_path / "profile.json").write_text("{}")  # a --profile run: says why there is none
+    assert probe.main([str(tmp_path)]) == 2
+    assert "this is a --profile run, which writes no checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -57,9 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m profiling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("compare", help="run each mode as a fresh trainer process; one report")
+    # --help shows each flag's default (compare.HelpFormatter)
+    c = sub.add_parser("compare", help="run each mode as a fresh trainer process; one report",
+                       description=compare.__doc__, formatter_class=compare.HelpFormatter)
     compare.add_arguments(c)
-    m = sub.add_parser("maxbatch", help="largest batch each mode fits in GPU memory")
+    m = sub.add_parser("maxbatch", help="largest batch each mode fits in GPU memory",
+                       description=maxbatch.__doc__, formatter_class=compare.HelpFormatter)
     maxbatch.add_arguments(m)
     r = sub.add_parser("report", help="render report.md/json/plots from --profile run dirs")
     _report_args(r)

@@ -9,7 +9,11 @@ Search, per mode: from ``--start``, double while the batch fits (up to ``--max-b
 while it does not, then bisect between the largest fitting and the smallest failing batch, on
 multiples of ``--granularity``, until they are one granule apart or ``--max-probes`` is spent.
 The answer is an interval: largest batch seen to fit, smallest seen to fail. It needs a CUDA
-device: on CPU (``--device cpu``, or no CUDA and no ``--device``) it stops with a clear error.
+device: on CPU (``--device cpu``, or ``--device cuda``/``auto``/none given and no CUDA here) it
+stops with a clear error before any probe starts, as it does for an unknown ``--arch`` or
+``--device`` and bad search settings. A probe that fails for another reason than out of memory
+stops that mode's search: the console and maxbatch.md give the reason (the probe log's last
+error line, else its exit code) and the log's path.
 """
 from __future__ import annotations
 
@@ -20,8 +24,15 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from profiling import _io
+from profiling import compare as _compare
 from profiling.compare import (
+    DEVICES,
     FUSED_CHOICES,
+    check_arch,
+    check_out_dir,
+    check_projector,
+    check_timeout,
+    last_error_line,
     parse_modes,
     run_trainer,
     trainer_command,
@@ -109,13 +120,22 @@ def search(probe: Callable[[int], bool], *, start: int, max_batch: int, granular
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--modes", default="e2e,simultaneous,sequential")
-    p.add_argument("--arch", default="resnet50")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--projector", default=None)
+    p.add_argument("--modes", default="e2e,simultaneous,sequential",
+                   help="comma-separated modes to search, each on its own "
+                        "(e2e, simultaneous, sequential)")
+    p.add_argument("--arch", default="resnet50",
+                   help=f"backbone: {' or '.join(_compare.ARCHS)}")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="synthetic image side in pixels (>= 8)")
+    p.add_argument("--projector", default=None,
+                   help="projector widths, e.g. 8192-8192-8192 (default: the trainer's)")
     p.add_argument("--fused", nargs="?", const="on", default="off",
-                   choices=[c for c in FUSED_CHOICES if c != "both"])
-    p.add_argument("--device", default=None)
+                   choices=[c for c in FUSED_CHOICES if c != "both"],
+                   help="fused Triton kernels in every probe: off or on (--fused alone)")
+    p.add_argument("--device", default=None,
+                   help=f"{', '.join(d for d in DEVICES if d != 'cpu')} (default: the "
+                        "trainer's, auto); maxbatch needs CUDA: cpu, or no CUDA here, is "
+                        "refused before any probe")
     p.add_argument("--start", type=int, default=256, help="first batch size probed")
     p.add_argument("--max-batch", type=int, default=8192, help="never probe above this")
     p.add_argument("--granularity", type=int, default=32,
@@ -124,23 +144,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2,
                    help="steps per probe (sequential: per block); 2 reaches the optimizer state")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per probe")
-    p.add_argument("--python", default=sys.executable)
-    p.add_argument("--out", required=True)
+    p.add_argument("--python", default=sys.executable,
+                   help="interpreter of the probe runs (python -m blockwise.train)")
+    p.add_argument("--out", required=True,
+                   help="report directory: maxbatch.md, maxbatch.json, memory_vs_batch.png and "
+                        "probes/ (each probe's run directory and log)")
 
 
 def _require_gpu(device: Optional[str]) -> None:
     """maxbatch searches for a GPU out-of-memory limit: refuse a CPU run up front (on CPU there
-    is no device-memory limit to hit; probes would only double until host RAM runs out)."""
-    if device is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("maxbatch finds the largest batch that fits in GPU memory and needs "
-                             "a CUDA device; none is available here (run it on a GPU machine, "
-                             "or name one with --device cuda[:N])")
-    elif device.split(":")[0].lower() == "cpu":
+    is no device-memory limit to hit; probes would only double until host RAM runs out), and a
+    --device the trainer does not know."""
+    if device is not None and device.split(":")[0].lower() == "cpu":
         raise ValueError(f"maxbatch needs a CUDA device, got --device {device}: on CPU there is "
-                         "no device-memory limit to find (use --device cuda[:N])")
+                         "no device-memory limit to find (use --device cuda, or leave it out)")
+    if device is not None and device not in DEVICES:
+        raise ValueError(f"unknown --device {device!r}; valid: "
+                         f"{', '.join(d for d in DEVICES if d != 'cpu')} (maxbatch needs CUDA)")
+    if not _compare.cuda_available():
+        raise ValueError("maxbatch finds the largest batch that fits in GPU memory and needs "
+                         "a CUDA device; none is available here"
+                         + (f" (--device {device})" if device else "")
+                         + ": run it on a GPU machine")
+
+
+def _check_search(args: argparse.Namespace) -> None:
+    """The search settings, checked as search() checks them, before anything runs."""
+    search(lambda b: True, start=args.start, max_batch=args.max_batch,
+           granularity=args.granularity, max_probes=1, min_batch=MIN_BATCH)
+
+
+def probe_failure(res, log_path: str) -> str:
+    """Why a probe failed (not OOM), on one line: the log's last error line, else its exit
+    code (or the timeout)."""
+    if res.exit_code is None or res.exit_code == 0:  # timed out; no profile.json
+        return (res.error or "no result").split(" (log:")[0].strip()
+    line = last_error_line(log_path)
+    return f"exit code {res.exit_code}" + (f": {line}" if line else "")
 
 
 def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -148,8 +188,15 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
     if isinstance(args.steps, bool) or not isinstance(args.steps, int) or args.steps < 1:
         raise ValueError(f"--steps must be an integer >= 1 (trainer steps per probe), "
                          f"got {args.steps!r}")
-    _require_gpu(args.device)
+    check_arch(args.arch)
+    check_projector(args.projector)
+    check_timeout(args.timeout)
+    trainer_command(modes[0], run_dir="x", arch=args.arch, image_size=args.image_size,
+                    batch_size=MIN_BATCH, steps=1, warmup=0, fused=False)  # --image-size
+    _check_search(args)
     out = os.path.abspath(args.out)
+    check_out_dir(out)
+    _require_gpu(args.device)
     probes_dir = os.path.join(out, "probes")
     os.makedirs(probes_dir, exist_ok=True)
     fused = args.fused == "on"
@@ -167,11 +214,14 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
                                   steps=max(1, args.steps - 1), warmup=min(1, args.steps - 1),
                                   fused=fused, projector=args.projector, device=args.device,
                                   extra=extra, python=args.python)
-            res = run_trainer(cmd, run_dir, os.path.join(probes_dir, name + ".log"),
-                              args.timeout, name, mode, fused)
+            log_path = os.path.join(probes_dir, name + ".log")
+            res = run_trainer(cmd, run_dir, log_path, args.timeout, name, mode, fused)
             rec = {"batch": batch, "result": {"ok": "fits"}.get(res.status, res.status),
-                   "exit_code": res.exit_code, "wall_s": res.wall_s,
+                   "exit_code": res.exit_code, "wall_s": res.wall_s, "log": log_path,
                    "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_used_gib": None}
+            reason = probe_failure(res, log_path) if res.status == "failed" else None
+            if reason:
+                rec["reason"] = reason
             if res.profile:
                 envs.append(res.profile.get("environment"))
                 r = res.profile["run"]
@@ -181,9 +231,11 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
             records.append(rec)
             print(f"  {mode} batch {batch}: {rec['result']} ({res.wall_s:.0f} s)"
                   + (f", peak allocated {rec['peak_allocated_gib']:.2f} GiB"
-                     if rec["peak_allocated_gib"] is not None else ""), flush=True)
+                     if rec["peak_allocated_gib"] is not None else "")
+                  + (f": {reason}; log {log_path}" if reason else ""), flush=True)
             if res.status == "failed":
-                raise ProbeError(f"{mode} at batch {batch} failed (not OOM): {res.error}")
+                raise ProbeError(f"{mode} at batch {batch} failed (not OOM): {reason}; "
+                                 f"log {log_path}")
             return res.status == "ok"
 
         print(f"{mode}:", flush=True)
@@ -234,10 +286,12 @@ def render_markdown(rep: dict) -> str:
     base = next((m for m in rep["modes"] if m["mode"] == "e2e"), None)
     base_v = base["largest_fitting"] if base else None
     smallest = -(-MIN_BATCH // s["granularity"]) * s["granularity"]  # as search() rounds it
+    notes: List[str] = []
     for m in rep["modes"]:
         lf = m["largest_fitting"]
         if m["error"]:
-            lf_s = f"n/a (probe failed: {m['error'][:60]})"
+            notes.append(" ".join(str(m["error"]).split()))  # one line, never cut
+            lf_s = f"n/a (probe failed, not OOM: note {len(notes)})"
         elif lf is None and (m["smallest_failing"] or 0) > smallest:
             lf_s = (f"n/a (probes ran out: every batch probed OOMed, down to "
                     f"{m['smallest_failing']})")
@@ -252,11 +306,21 @@ def render_markdown(rep: dict) -> str:
         at = next((p for p in m["probes"] if p["batch"] == lf), None)
         peak = (f"{at['peak_allocated_gib']:.2f}" if at and at["peak_allocated_gib"] is not None
                 else f"n/a ({(at or {}).get('memory_unavailable') or 'not measured'})")
-        fail = m["smallest_failing"] if m["smallest_failing"] is not None else \
-            "n/a (none failed)"
+        oomed = [p["batch"] for p in m["probes"] if p["result"] == "oom"]
+        if m["smallest_failing"] is not None:
+            fail = m["smallest_failing"]
+        elif m["error"]:
+            fail = (f"n/a (search stopped; smallest OOM seen {min(oomed)})" if oomed else
+                    "n/a (no OOM seen; a probe failed for another reason)")
+        else:
+            fail = "n/a (none failed)"
         res = m["resolution"] if m["resolution"] is not None else "n/a"
         probes = ", ".join(f"{p['batch']}:{p['result']}" for p in m["probes"])
         out.append(f"| {m['mode']} | {lf_s} | {ratio} | {fail} | {res} | {peak} | {probes} |")
+    if notes:
+        out += ["", "Probes that failed for another reason than out of memory (the search of "
+                    "that mode stopped there):", ""]
+        out += [f"{i}. {n}" for i, n in enumerate(notes, 1)]
     out += ["", "![peak memory vs batch](memory_vs_batch.png)", "",
             "Each probe is a fresh trainer process (`--max-steps`/`--steps-per-block` as above, "
             "synthetic data); OOM = exit code 3. The true limit lies between the largest batch "

@@ -3,7 +3,8 @@
 Input: one ``RunResult`` per trainer run (its profile.json, or why there is none). Output, all
 written atomically into one directory:
 
-- ``report.json`` (schema ``blockwise.report/1``): header (GPU, driver, versions, settings), per run
+- ``report.json`` (schema ``blockwise.report/1``): header (GPU, driver, versions, settings;
+  from ``compare`` also ``fused_kernels``: requested, used per run, and a summary), per run
   the derived metrics, per-block and per-phase figures, and every table as rows of numbers with
   its ratio columns and the baseline values they were divided by;
 - ``report.md``: the same tables for a paper, units in the headers, "n/a (reason)" where a figure

@@ -65,7 +65,7 @@ if part compare; then
     say "== compare =="
     python -m profiling compare --modes e2e,simultaneous,sequential --arch resnet50 \
         --image-size 224 --batch-size 256 --steps "$STEPS" --warmup "$WARMUP" \
-        --projector "$PROJECTOR" --device cuda --out "$WORK/compare" \
+        --projector "$PROJECTOR" --device cuda --out "$WORK/compare" --overwrite \
         -- --precision bf16 2>&1 | tee -a "$LOG"
     rc=${PIPESTATUS[0]}
     cp "$WORK/compare/report.md" "$OUT/compare_report.md" 2>/dev/null

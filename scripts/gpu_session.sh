@@ -109,9 +109,11 @@ nvidia-smi --query-gpu=name,driver_version,power.limit,memory.total --format=csv
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$LOG"
 
+# --overwrite: a part run again on a machine whose $WORK survived (or that SEED filled)
+# replaces that part's earlier report, as the part means (compare refuses it otherwise)
 COMPARE=(python -m profiling compare --modes e2e,simultaneous,sequential --arch "$ARCH"
          --image-size "$IMG" --batch-size "$BATCH" --steps "$STEPS" --warmup "$WARMUP"
-         --projector "$PROJ" --device "$DEVICE" --fused on)
+         --projector "$PROJ" --device "$DEVICE" --fused on --overwrite)
 bench_table() {  # bench_table NAME BASELINE: the benchmark JSON as tables in summary.txt
     [ -f "$WORK/$1.json" ] && python -m profiling bench "$WORK/$1.json" --baseline "$2" \
         --out "$WORK/$1.md" | tee -a "$LOG"

@@ -60,6 +60,14 @@ def test_compare_guards_cover_fresh_process_startup():
         assert int(guard) >= 50 * runs, (name, guard, runs)
 
 
+def test_compare_parts_replace_an_earlier_report_in_work():
+    """compare refuses an --out that holds a report unless --overwrite: a part run again into
+    a $WORK that survived on a warm machine, or that SEED filled, must replace it, not exit 2."""
+    text = SCRIPT.read_text()
+    compare = re.search(r"^COMPARE=\((.*?)\)$", text, re.M | re.S).group(1).split()
+    assert "--overwrite" in compare, compare
+
+
 def test_independent_reads_compare_noexp_and_maxbatch_runs_per_mode(tmp_path):
     """The planned first call runs compare_noexp, not compare_default: a later call's
     independent check must read it rather than skip issue 5's bar. maxbatch writes its report

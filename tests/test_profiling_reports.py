@@ -545,6 +545,14 @@ def test_compare_on_cpu(tmp_path):
     assert windows.count("nothing measured per window") == 3 and "| window |" not in windows
 
 
+def _fake_cuda(monkeypatch, available=True):
+    """compare / maxbatch check for CUDA before any run: answer as a GPU machine would (the
+    runs are stand-ins)."""
+    import profiling.compare
+
+    monkeypatch.setattr(profiling.compare, "cuda_available", lambda: available, raising=False)
+
+
 FAKE_TRAINER = """#!{python}
 # Stands in for `python -m blockwise.train`: OOMs (exit 3) above a per-mode limit, else writes
 # the template profile with a peak memory proportional to the batch.
@@ -569,6 +577,7 @@ json.dump(p, open(os.path.join(out, "profile.json"), "w"))
 
 
 def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
+    _fake_cuda(monkeypatch)  # the probes are a stand-in trainer
     template = tmp_path / "template" / "profile.json"
     make_profile(monkeypatch, str(template), "e2e")
     fake = tmp_path / "fake_python"
@@ -606,6 +615,7 @@ def test_maxbatch_recovers_from_oom_with_fresh_processes(monkeypatch, tmp_path):
 def test_maxbatch_environment_is_this_runs_not_a_stale_probe(monkeypatch, tmp_path):
     """A second maxbatch into the same --out leaves earlier probe dirs at batches it does not
     probe again: the header's GPU must come from this run's probes, not from one of those."""
+    _fake_cuda(monkeypatch)
     template = tmp_path / "template" / "profile.json"
     fresh = make_profile(monkeypatch, str(template), "e2e")
     fresh["environment"]["gpu"] = "This run's GPU"
@@ -837,3 +847,219 @@ def test_short_measured_run_never_reports_counter_zero(monkeypatch, tmp_path, sa
         assert "100 ms" in na["energy_per_image_j"]
         md = open(tmp_path / "rep" / "report.md").read()
         assert "0.000" not in md.split("## Summary")[1].split("##")[0]
+
+
+# -- compare / maxbatch command lines: refusals, notices, help (no trainer process) ---------------
+def _fake_launcher(monkeypatch, tmp_path, kernels_used=None):
+    """compare's run_trainer replaced by one that writes a stand-in run directory at once:
+    profile.json from a template of the mode, and (``kernels_used`` not None) a config.json as
+    the trainer writes it on CPU. Returns the list of the commands it was given."""
+    import profiling.compare
+
+    templates = {}
+    calls = []
+
+    def fake(cmd, run_dir, log_path, timeout_s, label, mode, fused):
+        calls.append(cmd)
+        if mode not in templates:
+            templates[mode] = make_profile(monkeypatch, str(tmp_path / "tpl" / mode /
+                                                            "profile.json"), mode, gpu=False)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(log_path, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+        p = json.loads(json.dumps(templates[mode]))
+        p["meta"].update(fused=bool(fused), device="cpu")
+        json.dump(p, open(os.path.join(run_dir, "profile.json"), "w"))
+        if kernels_used is not None:
+            json.dump({"config": {"device": "cpu", "fused": bool(fused)},
+                       "fused_kernels_used": kernels_used and bool(fused),
+                       "loss_uses_kernel": kernels_used and bool(fused)},
+                      open(os.path.join(run_dir, "config.json"), "w"))
+        return RunResult(label, run_dir, p, mode=mode, fused=fused, exit_code=0, wall_s=0.01,
+                         command=cmd)
+
+    monkeypatch.setattr(profiling.compare, "run_trainer", fake)
+    return calls
+
+
+def test_compare_refuses_an_out_holding_a_report_unless_overwrite(monkeypatch, tmp_path, capsys):
+    calls = _fake_launcher(monkeypatch, tmp_path)
+    out = tmp_path / "cmp"
+    base = ["compare", "--modes", "e2e,simultaneous", "--device", "cpu", "--out", str(out)]
+    assert cli.main(base) == 0
+    first = (out / "report.json").read_text()
+    (out / "runs" / "stale-run").mkdir()  # e.g. left by an earlier --fused both
+    n = len(calls)
+    capsys.readouterr()
+    assert cli.main(base) == 2  # refused: nothing run, nothing replaced
+    err = capsys.readouterr().err
+    assert "already holds a compare report (report.json, report.md, runs/)" in err, err
+    assert "another --out" in err and "--overwrite" in err
+    assert len(calls) == n and (out / "report.json").read_text() == first
+    assert (out / "runs" / "stale-run").is_dir()
+    for name in ("report.md", "runs"):  # any one of them is a report
+        only = tmp_path / f"only-{name}"
+        (only / name).mkdir(parents=True) if name == "runs" else \
+            (only.mkdir(), (only / name).write_text("x"))
+        assert cli.main(["compare", "--modes", "e2e", "--device", "cpu", "--out",
+                         str(only)]) == 2
+        assert f"({name}{'/' if name == 'runs' else ''})" in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(base + ["--overwrite"]) == 0  # replaces the report, and only it
+    assert len(calls) == n + 2
+    assert not (out / "runs" / "stale-run").exists() and (out / "notes.txt").exists()
+    assert "--overwrite" in json.load(open(out / "report.json"))["command"]
+    # an --out that is a file: exit 2, one line
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert cli.main(["compare", "--device", "cpu", "--out", str(f)]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "resnet34"], "unknown --arch 'resnet34'; valid: resnet18, resnet50"),
+    (["--device", "gpu"], "unknown --device 'gpu'; valid: auto, cuda, cpu"),
+    (["--device", "cuda"], "--device cuda, but CUDA is not available here; valid: cpu, auto"),
+    (["--projector", "64-x"], "--projector '64-x': expected widths"),
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**32)"),
+    (["--image-size", "4"], "--image-size must be an integer >= 8"),
+])
+def test_compare_checks_settings_before_any_run(monkeypatch, tmp_path, capsys, flags, message):
+    calls = _fake_launcher(monkeypatch, tmp_path)
+    _fake_cuda(monkeypatch, available=False)
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--modes", "e2e", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert calls == [] and not out.exists()  # nothing started, nothing written
+
+
+@pytest.mark.skipif(not HAS_TRAINER, reason="blockwise not there")
+def test_compare_valid_names_are_the_trainers():
+    """compare checks --arch / --device / --modes against copies (profiling never imports
+    blockwise): they must stay the trainer's own."""
+    from blockwise import config, models
+    from profiling import compare
+
+    assert set(compare.ARCHS) == set(models.ARCHS)
+    assert tuple(compare.DEVICES) == tuple(config.DEVICES)
+    assert tuple(compare.MODES) == tuple(config.MODES)
+
+
+@pytest.mark.parametrize("device, has_cuda, note", [
+    ("cpu", True, "note: --device cpu: the trainer runs use the CPU"),
+    (None, False, "note: no CUDA device here: the trainer runs use the CPU"),
+    (None, True, None),
+])
+def test_compare_says_when_it_runs_on_cpu(monkeypatch, tmp_path, capsys, device, has_cuda, note):
+    _fake_launcher(monkeypatch, tmp_path)
+    _fake_cuda(monkeypatch, available=has_cuda)
+    args = ["compare", "--modes", "e2e", "--out", str(tmp_path / "cmp")]
+    assert cli.main(args + (["--device", device] if device else [])) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    if note is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith(note), lines
+        assert "memory and energy will be n/a" in lines[0]
+        assert "ResNet-50 at 224 px, batch 256" in lines[0] and "slow on a CPU" in lines[0]
+
+
+def test_compare_report_says_whether_the_triton_kernels_ran(monkeypatch, tmp_path, capsys):
+    """--fused on a machine without CUDA: the trainer falls back to the PyTorch references
+    (config.json fused_kernels_used false); the report must not label the runs fused."""
+    _fake_launcher(monkeypatch, tmp_path, kernels_used=False)
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--modes", "e2e,simultaneous", "--fused", "on", "--device", "cpu",
+                     "--out", str(out)]) == 0
+    said = "requested; Triton kernels not used (no CUDA): PyTorch references measured"
+    assert f"note: --fused on: {said}" in capsys.readouterr().out
+    rep = json.load(open(out / "report.json"))
+    assert rep["header"]["settings"]["fused"] == said
+    assert rep["header"]["fused_kernels"] == {"requested": "on", "summary": said, "used": []}
+    assert [(r["fused_kernels_used"], r["loss_uses_kernel"]) for r in rep["runs"]] == \
+        [(False, False)] * 2
+    md = open(out / "report.md").read()
+    assert f"fused {said};" in md and "fused True" not in md
+    # both: the unfused runs are "off", the fused ones say what ran
+    out2 = tmp_path / "both"
+    assert cli.main(["compare", "--modes", "e2e", "--fused", "both", "--device", "cpu",
+                     "--out", str(out2)]) == 0
+    h = json.load(open(out2 / "report.json"))["header"]
+    assert h["settings_per_run"]["fused"] == ["off", said]
+    assert "fused: off, " + said in open(out2 / "report.md").read()
+    # on a GPU the kernels ran: the report says so
+    _fake_launcher(monkeypatch, tmp_path, kernels_used=True)
+    out3 = tmp_path / "gpu"
+    assert cli.main(["compare", "--modes", "e2e", "--fused", "--device", "cpu",
+                     "--out", str(out3)]) == 0
+    rep = json.load(open(out3 / "report.json"))
+    assert rep["header"]["settings"]["fused"] == "requested; Triton kernels used"
+    assert rep["runs"][0]["fused_kernels_used"] is True
+
+
+FAILING_TRAINER = """#!{python}
+import sys
+print("loading ...")
+print("error: --device cuda, but CUDA is not available here; valid: cpu, auto", file=sys.stderr)
+sys.exit(2)
+"""
+
+
+def test_maxbatch_probe_failure_gives_reason_and_log(monkeypatch, tmp_path, capsys):
+    """A probe that fails (not OOM): the console line names the reason and the log; the
+    markdown keeps the whole reason (in a note) and never says 'none failed'."""
+    _fake_cuda(monkeypatch)
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAILING_TRAINER.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / ("a-rather-long-directory-name-" * 3) / "mb"
+    assert cli.main(["maxbatch", "--modes", "e2e", "--device", "cuda", "--python", str(fake),
+                     "--out", str(out)]) == 1
+    log = str(out / "probes" / "e2e-b256.log")
+    reason = "exit code 2: error: --device cuda, but CUDA is not available here; valid: cpu, auto"
+    console = capsys.readouterr().out
+    assert f"e2e batch 256: failed (0 s): {reason}; log {log}" in console, console
+    rep = json.load(open(out / "maxbatch.json"))
+    assert rep["modes"][0]["error"] == f"e2e at batch 256 failed (not OOM): {reason}; log {log}"
+    assert rep["modes"][0]["probes"][0]["log"] == log
+    md = open(out / "maxbatch.md").read()
+    assert "none failed" not in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| e2e |"))
+    assert "n/a (probe failed, not OOM: note 1)" in row and "no OOM seen" in row
+    assert f"1. e2e at batch 256 failed (not OOM): {reason}; log {log}" in md
+
+
+def test_maxbatch_checks_settings_before_any_probe(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAILING_TRAINER.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "mb"
+    _fake_cuda(monkeypatch, available=False)
+    for device in ("cuda", "auto", None):
+        assert cli.main(["maxbatch", "--modes", "e2e", "--python", str(fake), "--out", str(out)]
+                        + (["--device", device] if device else [])) == 2
+        err = capsys.readouterr().err
+        assert "needs a CUDA device; none is available here" in err, err
+    _fake_cuda(monkeypatch)
+    for flags, message in ((["--device", "gpu"], "unknown --device 'gpu'; valid: auto, cuda"),
+                           (["--arch", "resnet34"], "valid: resnet18, resnet50"),
+                           (["--granularity", "0"], "granularity must be a positive integer")):
+        assert cli.main(["maxbatch", "--modes", "e2e", "--python", str(fake), "--out", str(out),
+                         *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()  # refused before any probe ran
+
+
+def test_compare_and_maxbatch_help_show_defaults():
+    sub = next(a for a in cli.build_parser()._actions
+               if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in ("compare", "maxbatch"):
+        p = sub.choices[name]
+        text = " ".join(p.format_help().split())  # (argparse wraps lines)
+        assert "(default: e2e,simultaneous,sequential)" in text
+        assert "(default: resnet50)" in text and "(default: 224)" in text, text
+        undocumented = [a.option_strings for a in p._actions if a.option_strings and not a.help]
+        assert undocumented == [], (name, undocumented)
+    assert "(default: 256)" in sub.choices["compare"].format_help()
+    assert "--overwrite" in sub.choices["compare"].format_help()

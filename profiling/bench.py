@@ -133,12 +133,14 @@ def render(data: Dict[str, Any], path: str, baseline: Optional[str] = None,
         if baseline not in known:
             raise ValueError(f"bench: baseline provider {baseline!r} is not in {path}; "
                              f"valid: {', '.join(known)}")
+    any_energy = any(r.energy_j is not None for rows in by_group.values() for r in rows)
     lines = [f"# {title or 'Benchmarks'}", ""] + header(data, path) + [
         "- median of the rounds, in ms (IQR); peak (MiB) = the memory one call allocates above "
         "what was allocated before it (`peak_extra_mib`), or for a training step the step's "
         "whole peak allocation (`peak_allocated_gib`); floor = the benchmark's own bound (flops "
-        "over the measured matmul rate, or bytes over the measured copy rate); J/pair = GPU "
-        "energy per image pair, where the benchmark measured it", ""]
+        "over the measured matmul rate, or bytes over the measured copy rate)"
+        + ("; J/pair = GPU energy per image pair, where the benchmark measured it"
+           if any_energy else "; no benchmark in this file measured energy"), ""]
     for group, rows in by_group.items():
         lines += [f"## {group}", ""]
         base = next((r for r in rows if r.provider == baseline), None) if baseline else None

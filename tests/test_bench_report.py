@@ -187,3 +187,5 @@ def test_cpu_train_step_file_says_why_peak_is_missing():
     rows = _table(md, g)
     assert rows["simultaneous"][2] == "2.00"
     assert rows["simultaneous"][3] == f"n/a ({why})" == rows["simultaneous"][4]
+    # no J/pair column here, so the legend does not describe one
+    assert "J/pair" not in md and "no benchmark in this file measured energy" in md

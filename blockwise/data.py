@@ -47,7 +47,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 # uniform bytes: mean 127.5/255, std sqrt((256^2 - 1) / 12) / 255
 SYNTHETIC_MEAN = (0.5, 0.5, 0.5)
-SYNTHETIC_STD = (0.2887, 0.2887, 0.2887)
+SYNTHETIC_STD = (0.2898, 0.2898, 0.2898)
 
 #: the fixed seed of the digits train/test split (never changes: results stay comparable)
 DIGITS_SPLIT_SEED = 0
@@ -320,6 +320,9 @@ def _require_dir(name: str, data_dir, hint: str) -> str:
     if data_dir is None or str(data_dir) == "":
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir); {hint}")
     data_dir = os.fspath(data_dir)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"dataset {name!r}: data directory {data_dir!r} exists and is not "
+                                f"a directory; {hint}")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"dataset {name!r}: data directory {data_dir!r} does not exist; {hint}")
     return data_dir
@@ -368,6 +371,9 @@ def _build_imagefolder(data_dir, image_size, download, synthetic_size, num_class
     splits = {}
     for split in ("train", "val"):
         path = os.path.join(data_dir, split)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise FileNotFoundError(f"dataset 'imagefolder': {path!r} exists and is not a "
+                                    f"directory; {hint}")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"dataset 'imagefolder': {path!r} does not exist; {hint}")
         try:

@@ -138,6 +138,17 @@ def test_synthetic_views():
     assert a1.shape == a2.shape == (3, 20, 20) and not torch.equal(a1, a2)
 
 
+def test_synthetic_normalisation_gives_unit_std():
+    """Uniform bytes have std sqrt((256^2 - 1) / 12) / 255 = 0.2898 (0.2887 = 1/sqrt(12) is the
+    continuous uniform's and left the normalised pixels at std 1.004)."""
+    from blockwise.data import SYNTHETIC_STD
+
+    assert SYNTHETIC_STD[0] == pytest.approx(((256 ** 2 - 1) / 12) ** 0.5 / 255, abs=1e-4)
+    bundle = build_datasets("synthetic", image_size=224, synthetic_size=8)
+    x = torch.stack([bundle.train_eval[i][0] for i in range(8)])  # 1.2 M pixels
+    assert abs(x.mean().item()) < 2e-3 and abs(x.std().item() - 1) < 2e-3, x.std().item()
+
+
 def test_synthetic_bad_arguments():
     with pytest.raises(ValueError, match="synthetic_size"):
         build_datasets("synthetic", synthetic_size=0)
@@ -186,6 +197,19 @@ def test_imagefolder_errors(tmp_path):
     _make_tree(tmp_path / "b", splits=("val",), classes=("cat", "eel"))
     with pytest.raises(ValueError, match="different classes"):
         build_datasets("imagefolder", tmp_path / "b")
+
+
+def test_data_dir_that_is_a_file_is_named_as_such(tmp_path):
+    """A file where a directory should be was reported as 'does not exist'."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for name in ("imagefolder", "cifar10"):
+        with pytest.raises(FileNotFoundError, match="exists and is not a directory"):
+            build_datasets(name, a_file)
+    _make_tree(tmp_path / "tree", splits=("val",))
+    (tmp_path / "tree" / "train").write_text("x")
+    with pytest.raises(FileNotFoundError, match="train.* exists and is not a directory"):
+        build_datasets("imagefolder", tmp_path / "tree")
 
 
 def test_cifar10_missing_data_is_a_clear_error(tmp_path):

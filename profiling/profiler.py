@@ -378,6 +378,9 @@ class Profiler:
             energy_reason = next((s["energy_unavailable"] for s in segs
                                   if s["energy_unavailable"]), "GPU energy not measured")
         ooms = [s["oom_count"] for s in segs if s["oom_count"] is not None]
+        # images counts the global batch (every process's pairs) but energy is this process's
+        # GPU only: per pair, divide by the pairs this process trained (images / world_size)
+        world = (meta or {}).get("world_size") or 1
         run = {
             "time_s": time_s,
             "images": images,
@@ -386,7 +389,8 @@ class Profiler:
             # the meter's method, or what its windows fell back to (a failed counter read)
             "energy_method": (combined_method(s["energy_method"] for s in segs)
                               or self.energy.method) if energy is not None else None,
-            "energy_per_image_j": energy / images if energy is not None and images else None,
+            "energy_per_image_j": energy * world / images if energy is not None and images
+            else None,
             "mean_power_w": energy / time_s if energy is not None and time_s else None,
             "cpu_energy_j": total("cpu_energy_j"),
             "peak_allocated_gib": peak("peak_allocated_gib"),

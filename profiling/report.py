@@ -257,6 +257,14 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
     e_reason = unav.get("energy") or "GPU energy not measured"
     m_reason = unav.get("memory") or "memory not measured"
     cpu_reason = run.get("cpu_energy_unavailable") or "CPU energy not measured"
+    # DDP: images count the global batch (all processes' pairs), GPU energy is this process's
+    # GPU only, so GPU energy per pair = energy / (images / world_size)
+    world = (r.profile.get("meta") or {}).get("world_size") or 1
+
+    def gpu_per_pair(e: Optional[float], n: Optional[float]) -> Optional[float]:
+        v = _div(e, n)
+        return None if v is None else v * world
+
     met: Dict[str, Any] = {
         "images": run.get("images"),
         "time_s": run.get("time_s"),
@@ -286,9 +294,9 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         t_img = [_div(s["time_s"], s["images"]) for s in segs]
         seg_energy = [_measured_energy(s["energy_j"], s["sampled_energy_j"], s["short"],
                                        run.get("energy_method")) for s in segs]
-        e_img = [_div(e, s["images"]) for (e, _, _), s in zip(seg_energy, segs)]
+        e_img = [gpu_per_pair(e, s["images"]) for (e, _, _), s in zip(seg_energy, segs)]
         c_img = [_div(s["cpu_energy_j"], s["images"]) for s in segs]
-        s_img = [_div(s["sampled_energy_j"], s["images"]) for s in segs]
+        s_img = [gpu_per_pair(s["sampled_energy_j"], s["images"]) for s in segs]
         met["time_per_image_ms"] = (1000.0 * sum(t_img)) if all(v is not None for v in t_img) \
             else None
         met["energy_per_image_j"] = sum(e_img) if all(v is not None for v in e_img) else None
@@ -317,9 +325,9 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
         met["time_per_image_ms"] = None if _div(run.get("time_s"), images) is None else \
             1000.0 * _div(run.get("time_s"), images)
         met["throughput_img_s"] = run.get("throughput_img_s")
-        met["energy_per_image_j"] = _div(run_energy, images)
+        met["energy_per_image_j"] = gpu_per_pair(run_energy, images)
         met["cpu_energy_per_image_j"] = _div(run.get("cpu_energy_j"), images)
-        met["sampled_energy_per_image_j"] = _div(run.get("sampled_energy_j"), images)
+        met["sampled_energy_per_image_j"] = gpu_per_pair(run.get("sampled_energy_j"), images)
         if r.mode == "sequential":
             basis = "run (segments not separable per block: NOT one pass per block)"
         windows = r.profile.get("windows") or {}
@@ -337,7 +345,7 @@ def run_metrics(r: RunResult) -> Tuple[Dict[str, Any], Dict[str, str], List[dict
                 "time_per_image_ms": None if not timed or _div(w.get("time_s_total"), images)
                 is None else 1000.0 * _div(w.get("time_s_total"), images),
                 "time_unavailable": None if timed else NOT_TIMED,
-                "energy_per_image_j": _div(energy, images),
+                "energy_per_image_j": gpu_per_pair(energy, images),
                 "energy_source": source,
                 "images": images, "short": None, "windows": w.get("count"),
                 "short_windows": w.get("short_windows"),
@@ -451,11 +459,23 @@ def _arithmetic(profile: dict, mode: str, block_segs: Optional[List[dict]],
 def phase_reasons(r: RunResult) -> Dict[str, str]:
     """Why a phase time is n/a: its windows were memory-only, or there are none."""
     windows = (r.profile or {}).get("windows") or {}
+    # the reasons phase_times gives up for the whole run, whatever the windows
+    run_reason = None
+    if r.profile is not None and not r.profile["run"].get("images"):
+        run_reason = "no image pairs measured"
+    elif r.profile is not None and r.mode == "sequential":
+        segs = _segments_by_block(r.profile)
+        if not segs:
+            run_reason = "sequential segments not separable per block"
+        elif len({s["images"] for s in segs}) != 1:
+            run_reason = ("sequential blocks measured on unequal numbers of image pairs, so a "
+                          "phase's per-pair time summed over blocks is not defined")
     out = {}
     for phase in PHASES:
         names = [n for n in windows if n == phase or re.match(rf"^block\d+/{phase}$", n)]
-        out[phase] = (NOT_TIMED if names and not all(_timed(windows[n]) for n in names)
-                      else "no such windows in this run")
+        out[phase] = ("no such windows in this run" if not names else
+                      NOT_TIMED if not all(_timed(windows[n]) for n in names) else
+                      run_reason or "not measured")
     return out
 
 
@@ -711,6 +731,10 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
                         "phases_ms_per_image": phase_times(r, len(per_block)),
                         "phases_na": phase_reasons(r),
                         "timing": timing_label(r.profile),
+                        # the run's own method: metrics' energy_method names the power samples
+                        # when the run was short, which its (counter) windows did not use
+                        "window_energy_method": ((r.profile or {}).get("run") or {}).get(
+                            "energy_method"),
                         "windows": (r.profile or {}).get("windows") or {}})
     base_entry = next((e for e, r in zip(entries, runs) if r is base), None)
     base_met = base_entry["metrics"] if base_entry else {}
@@ -946,7 +970,7 @@ def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
                          "n/a (no such e2e window)" if name not in base_w else
                          "n/a (not timed in e2e)"),
                      f"{w['time_s_total']:.3f}"]
-            energy, source = _window_energy(w, r["metrics"].get("energy_method"))
+            energy, source = _window_energy(w, r.get("window_energy_method"))
         else:
             if NOT_TIMED not in footnotes:
                 footnotes.append(NOT_TIMED)

@@ -342,3 +342,82 @@ def test_memory_only_window_on_cpu_has_no_time_and_no_memory(tmp_path):
     assert b["time_s_total"] is None and b["energy_j"] is None
     assert b["peak_allocated_gib"] is None  # CPU: unavailable, never 0
     assert p["windows"]["step"]["time_s_total"] >= 0.002
+
+
+# -- figures derived from profile.json -------------------------------------------------------------
+def test_ddp_energy_per_pair_uses_this_process_pairs(monkeypatch, tmp_path):
+    """Under DDP the trainer counts the global batch (add_images(cfg.batch_size)) while the
+    profiler meters only its own GPU: per pair, the energy is over this process's pairs, so two
+    processes at the same per-GPU batch and power give the same J/pair as one."""
+    from profile_factory import make_profile
+    from profiling.report import RunResult, build_report
+
+    runs = []
+    for world in (1, 2):
+        for mode in ("e2e", "sequential"):
+            p = make_profile(monkeypatch, str(tmp_path / f"{mode}{world}" / "profile.json"), mode,
+                             batch=16 * world, meta_extra={"world_size": world})
+            runs.append(RunResult(f"{mode} x{world}", str(tmp_path), p))
+    one, two = runs[0].profile["run"], runs[2].profile["run"]
+    assert two["energy_j"] == pytest.approx(one["energy_j"]) and two["images"] == 2 * one["images"]
+    assert two["energy_per_image_j"] == pytest.approx(one["energy_per_image_j"])
+    assert two["energy_per_image_j"] == pytest.approx(2 * two["energy_j"] / two["images"])
+    rep = build_report(runs)
+    by = {e["label"]: e for e in rep["runs"]}
+    for mode in ("e2e", "sequential"):
+        m1, m2 = by[f"{mode} x1"]["metrics"], by[f"{mode} x2"]["metrics"]
+        for key in ("energy_per_image_j", "sampled_energy_per_image_j"):
+            assert m1[key] is not None and m2[key] == pytest.approx(m1[key]), (mode, key)
+        assert m2["throughput_img_s"] == pytest.approx(2 * m1["throughput_img_s"])  # global
+        b1 = [b["energy_per_image_j"] for b in by[f"{mode} x1"]["per_block"]]
+        b2 = [b["energy_per_image_j"] for b in by[f"{mode} x2"]["per_block"]]
+        assert None not in b1 and b2 == pytest.approx(b1), mode
+
+
+def _seq_profile_one_short_segment():
+    """Sequential, phases timed: block 4's measured segment is under 100 ms (so the run is
+    'short' and its total takes the power samples), block 1's windows are all long."""
+    seg = {"time_s": 1.0, "images": 64, "energy_j": 200.0, "sampled_energy_j": 210.0,
+           "cpu_energy_j": None, "short": False, "peak_allocated_gib": None,
+           "peak_reserved_gib": None, "energy_unavailable": None}
+    segs = [dict(seg, label=f"block{k}") for k in (1, 2, 3)]
+    segs.append(dict(seg, label="block4", time_s=0.08, energy_j=0.0, sampled_energy_j=16.0,
+                     short=True))
+    run = {"time_s": 3.08, "images": 256, "energy_j": 600.0, "sampled_energy_j": 646.0,
+           "energy_method": "counter", "mean_power_w": 600.0 / 3.08, "short": True,
+           "unavailable": {"energy": None, "memory": None}, "segments": segs}
+    w = {"count": 4, "time_s_total": 1.0, "time_s_mean": 0.25, "energy_j": 200.0,
+         "sampled_energy_j": 210.0, "short_windows": 0, "peak_allocated_gib": None,
+         "timed": True}
+    return {"schema": SCHEMA, "meta": {"mode": "sequential", "profile_phases": True},
+            "environment": {}, "run": run, "windows": {"block1": w}, "power_trace": None}
+
+
+def test_window_table_does_not_call_counter_energy_sampled():
+    """A short measured segment makes the run's energy come from the power samples; the windows
+    table must still label a long window's counter energy as the counter's, not '(sampled)'."""
+    from profiling.report import RunResult, build_report, render_markdown
+
+    rep = build_report([RunResult("sequential", "x", _seq_profile_one_short_segment())])
+    assert "power samples" in rep["runs"][0]["metrics"]["energy_method"]  # the run's total
+    line = next(ln for ln in render_markdown(rep).splitlines() if ln.startswith("| block1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5] == "200.00", line  # the counter's 200 J, shown as measured, unmarked
+
+
+def test_phase_na_reason_names_why_not_no_windows(monkeypatch, tmp_path):
+    """Phase windows that exist and are timed but cannot give a per-pair figure (sequential
+    blocks measured on unequal pairs, e.g. cut by --max-steps; no pairs) are not 'no such
+    windows'."""
+    from profile_factory import make_profile
+    from profiling.report import RunResult, phase_reasons, phase_times
+
+    p = make_profile(monkeypatch, str(tmp_path / "s" / "profile.json"), "sequential")
+    run = RunResult("sequential", str(tmp_path), p)
+    assert all(v is not None for v in phase_times(run, 4).values())
+    p["run"]["segments"][3]["images"] //= 3  # block 4 cut short
+    assert all(v is None for v in phase_times(run, 4).values())
+    for reason in phase_reasons(run).values():
+        assert "no such windows" not in reason and "unequal" in reason
+    p["run"]["images"] = 0
+    assert all("no image pairs" in why for why in phase_reasons(run).values())

@@ -1642,7 +1642,7 @@ class _GraphedLossFn(torch.autograd.Function):
             _, dz = _loss_and_grads(z1, z2, *ctx.hparams)
         # fp32 dz (16-bit inputs: _loss_and_grads) times grad_loss, rounded once to z's dtype
         # (one multiply per side that writes z's dtype: no separate cast launch)
-        out = [torch.mul(d, grad_loss, out=torch.empty(d.shape, device=d.device, dtype=z.dtype))
+        out = [torch.mul(d, grad_loss, out=torch.empty_like(d, dtype=z.dtype))
                for d, z in zip(dz, (z1, z2))]
         return out[0], out[1], None, None, None, None
 

@@ -19,6 +19,7 @@ equal): a bad value is exit 2 with nothing written.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -27,8 +28,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from profiling import _io
-from profiling.report import RunResult, load_profile, render_markdown, write_report
+from profiling.report import RunResult, load_profile, write_report
 
 MODES = ("e2e", "simultaneous", "sequential")  # as blockwise.config.MODES (not imported)
 ARCHS = ("resnet18", "resnet50")  # as blockwise.models.ARCHS (not imported)
@@ -324,8 +324,6 @@ def last_error_line(log_path: str) -> Optional[str]:
 
 
 def _config_json(run_dir: str) -> dict:
-    import json
-
     try:
         with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
             rec = json.load(f)
@@ -478,12 +476,10 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         results.append(res)
     command = "python -m profiling compare " + " ".join(
         shlex.quote(a) for a in getattr(args, "_argv", []))
-    rep = write_report(results, out, command=command.strip())
-    # whether the Triton kernels ran (the runs' config.json): the JSON and markdown again with
-    # it (the plots do not show it)
-    kernels = _annotate_kernels(rep, results, args.fused)
-    _io.atomic_write_json(os.path.join(out, "report.json"), rep)
-    _io.atomic_write_text(os.path.join(out, "report.md"), render_markdown(rep))
+    noted: List[Optional[str]] = []  # whether the Triton kernels ran (the runs' config.json)
+    write_report(results, out, command=command.strip(),
+                 annotate=lambda rep: noted.append(_annotate_kernels(rep, results, args.fused)))
+    kernels = noted[0]
     if kernels is not None and ("not used" in kernels or "unknown" in kernels):
         print(f"note: --fused {args.fused}: {kernels}", flush=True)
     print(f"report: {os.path.join(out, 'report.md')}")

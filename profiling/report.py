@@ -26,7 +26,7 @@ import os
 import re
 import textwrap
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from profiling import _io
 from profiling.profiler import SCHEMA as PROFILE_SCHEMA
@@ -1244,10 +1244,15 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
 
 
 def write_report(runs: Sequence[RunResult], out_dir: str, command: Optional[str] = None,
-                 title: Optional[str] = None) -> dict:
-    """Build and write report.json, report.md and the plots into ``out_dir``; returns the dict."""
+                 title: Optional[str] = None,
+                 annotate: Optional[Callable[[dict], None]] = None) -> dict:
+    """Build and write report.json, report.md and the plots into ``out_dir``; returns the dict.
+    ``annotate(rep)``, if given, completes the report in place before anything is written (e.g.
+    compare's note on whether the Triton kernels ran)."""
     os.makedirs(out_dir, exist_ok=True)
     rep = build_report(runs, command=command, **({"title": title} if title else {}))
+    if annotate is not None:
+        annotate(rep)
     rep["_traces"] = [(r.profile or {}).get("power_trace") for r in runs]
     try:
         render_plots(rep, out_dir)

@@ -376,6 +376,7 @@ class TrainState:
     block_step: int = 0  # steps done in the current phase (a block in sequential, else the run)
     epoch: int = 0  # the epoch in progress (of the current block in sequential mode)
     batch: int = 0  # batches of that epoch already consumed
+    time_s: float = 0.0  # wall time of the run's training loop up to this state, all sessions
 
 
 class Trainer:
@@ -564,6 +565,7 @@ class Trainer:
         cfg, st = self.cfg, self.state
         self._bar = _progress(self.total_steps(), st.step, self.is_main)
         self._t_run = self._t_log = time.perf_counter()
+        self._time_before = st.time_s  # a resumed run's metrics continue its clock
         self._steps_at_log = st.step
         phases = range(st.block, 4) if cfg.mode == "sequential" else range(1)
         try:
@@ -888,7 +890,7 @@ class Trainer:
                         "step": self.state.step, "block": int(name), "loss": value,
                         "lr": self._lr, "ms_per_step": ms, "peak_memory_gib": block_mem,
                         "epoch": self.state.epoch, "phase_step": self.state.block_step,
-                        "time_s": now - self._t_run}) + "\n")
+                        "time_s": self._time_before + now - self._t_run}) + "\n")
         self._pending.clear()
         self._t_log, self._steps_at_log = now, self.state.step
 
@@ -937,10 +939,15 @@ class Trainer:
         return states
 
     def save_checkpoint(self) -> Optional[str]:
-        """checkpoint.pt in the run directory, atomically (rank 0); only after a finite loss."""
-        self._check_finite()
+        """checkpoint.pt in the run directory, atomically (rank 0); only after a finite loss.
+
+        Steps not yet logged are logged first: a resume redoes only the steps after the
+        checkpoint, so metrics.jsonl would otherwise never record these."""
+        self._flush_log(force=True)
         if not self.cfg.checkpoint:
             return None
+        if hasattr(self, "_t_run"):
+            self.state.time_s = self._time_before + time.perf_counter() - self._t_run
         per_rank = self._rng_per_rank()
         if not self.is_main:
             return None
@@ -995,6 +1002,7 @@ class Trainer:
             "steps": self.state.step,
             "steps_this_process": done,
             "time_s": elapsed,
+            "run_time_s": getattr(self, "_time_before", 0.0) + elapsed,  # all sessions of a resume
             "pairs_per_s": pairs / elapsed if elapsed > 0 else None,
             "loader_capacity_pairs_per_s": loader,
             "data_wait_share": self.data_wait_s / elapsed if elapsed > 0 else None,

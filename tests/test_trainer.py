@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from blockwise import models
-from blockwise.checkpoint import load_checkpoint
+from blockwise.checkpoint import atomic_torch_save, load_checkpoint
 from blockwise.config import Config
 from blockwise.trainer import NonFiniteLoss, Trainer, initial_blocks
 from profiling.tensor_bytes import TensorBytesMeter
@@ -244,6 +244,38 @@ def test_resume_equals_uninterrupted(tmp_path, mode, kw):
     lc = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
     key = lambda r: (r["step"], r["block"], r["loss"], r["lr"])  # noqa: E731
     assert [key(r) for r in la] == [key(r) for r in lc]
+
+
+def test_resume_keeps_the_metrics_and_clock_of_steps_before_the_checkpoint(tmp_path):
+    """Steps between the last log line and an epoch-end checkpoint are logged before it is
+    written (a resume does not redo them), and time_s continues across the resume."""
+    kw = dict(mode="simultaneous", log_interval=100)  # no interval line: only epoch ends, the end
+    a = make(tmp_path / "a", **kw)
+    a.fit()
+    b = make(tmp_path / "b", **kw)
+    step = b.train_step
+
+    def killed_in_step_6(*args, **kwargs):  # a kill after step 5: the checkpoint is step 4's
+        if b.state.step == 5:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+    b.train_step = killed_in_step_6
+    with pytest.raises(KeyboardInterrupt):
+        b.fit()
+    ckpt = load_checkpoint(str(tmp_path / "b"))
+    assert 0 < ckpt["state"]["time_s"] < 1000
+    ckpt["state"]["time_s"] = 1000.0  # as if the first session had trained for 1000 s
+    atomic_torch_save(ckpt, str(tmp_path / "b" / "checkpoint.pt"))
+    c = make(tmp_path / "b", resume=str(tmp_path / "b"), **kw)
+    summary = c.fit()
+    la = [json.loads(l) for l in open(tmp_path / "a" / "metrics.jsonl")]
+    lc = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+    key = lambda r: (r["step"], r["block"], r["loss"])  # noqa: E731
+    assert [key(r) for r in la] == [key(r) for r in lc]
+    assert {r["step"] for r in lc} == {4, 8}  # each epoch's steps, the first epoch's kept
+    first, second = [[r["time_s"] for r in lc if r["step"] == s] for s in (4, 8)]
+    assert 0 < max(first) < 1000 < min(second), "time_s restarted at the resume"
+    assert summary["run_time_s"] == pytest.approx(1000 + summary["time_s"])
 
 
 @pytest.mark.parametrize("mode,kw", [("simultaneous", dict(max_steps=1)),

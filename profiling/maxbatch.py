@@ -8,10 +8,13 @@ of a failed attempt (fragmented cache, half-freed graphs) leaks into the next on
 Search, per mode: from ``--start``, double while the batch fits (up to ``--max-batch``) or halve
 while it does not, then bisect between the largest fitting and the smallest failing batch, on
 multiples of ``--granularity``, until they are one granule apart or ``--max-probes`` is spent.
-The answer is an interval: largest batch seen to fit, smallest seen to fail. It needs a CUDA
-device: on CPU (``--device cpu``, or ``--device cuda``/``auto``/none given and no CUDA here) it
-stops with a clear error before any probe starts, as it does for an unknown ``--arch`` or
-``--device`` and bad search settings. A probe that fails for another reason than out of memory
+The answer is an interval: largest batch seen to fit, smallest seen to fail. With no failure
+above the largest (the cap reached, the probes spent) the largest is only a lower bound, shown
+"≥ n"; a ratio to e2e it enters is then a bound ("≥", "≤"), or n/a between two lower bounds
+(maxbatch.json: ``lower_bound``, ``vs_e2e``, ``vs_e2e_bound``). It needs a CUDA device: on CPU
+(``--device cpu``, or ``--device cuda``/``auto``/none given and no CUDA here) it stops with a
+clear error before any probe starts, as it does for an unknown ``--arch`` or ``--device`` and
+bad search settings. A probe that fails for another reason than out of memory
 stops that mode's search: the console and maxbatch.md give the reason (the probe log's last
 error line, else its exit code) and the log's path.
 """
@@ -21,7 +24,7 @@ import argparse
 import os
 import shlex
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from profiling import _io
 from profiling import compare as _compare
@@ -249,7 +252,11 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
         entry = {"mode": mode, "error": error, "probes": records}
         entry.update({k: (found or {}).get(k) for k in
                       ("largest_fitting", "smallest_failing", "resolution", "capped")})
+        entry["lower_bound"] = lower_bound(entry)
         results.append(entry)
+    base = next((e for e in results if e["mode"] == "e2e"), None)
+    for e in results:
+        e["vs_e2e"], e["vs_e2e_bound"], e["vs_e2e_na"] = vs_e2e(e, base)
     rep = {"schema": "blockwise.maxbatch/1",
            "command": "python -m profiling maxbatch " + " ".join(
                shlex.quote(a) for a in getattr(args, "_argv", [])),
@@ -260,8 +267,65 @@ def run(args: argparse.Namespace, extra: Sequence[str]) -> int:
                         "steps_per_probe": args.steps, "extra_trainer_args": list(extra)},
            "environment": envs[0] if envs else None, "modes": results}
     write_outputs(rep, out)
+    smallest = -(-MIN_BATCH // args.granularity) * args.granularity
+    lines = ["largest batch that fits (x e2e):"] + [
+        f"  {e['mode']}: {largest_cell(e, smallest)} ({ratio_cell(e, base)})" for e in results]
+    text = "\n".join(lines)
+    try:
+        text.encode(sys.stdout.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):  # a console that cannot print the bounds' signs
+        text = text.replace("≥", ">=").replace("≤", "<=")
+    print(text)
     print(f"report: {os.path.join(out, 'maxbatch.md')}")
     return 0 if all(e["error"] is None for e in results) else 1
+
+
+def lower_bound(m: dict) -> bool:
+    """Whether a mode's largest fitting batch is only a lower bound on its true limit: no probe
+    failed above it (the cap was reached, or the probes ran out before an OOM)."""
+    return m.get("largest_fitting") is not None and m.get("smallest_failing") is None
+
+
+def vs_e2e(m: dict, base: Optional[dict]
+           ) -> Tuple[Optional[float], Optional[str], Optional[str]]:
+    """(largest fitting batch / e2e's, what the value is: "exact", "at least" or "at most",
+    why it is None). A lower-bound limit over an exact e2e limit bounds the ratio from below, an
+    exact limit over a lower-bound e2e one from above; two lower bounds leave it unknown."""
+    lf = m.get("largest_fitting")
+    if base is None or base.get("largest_fitting") is None:
+        return None, None, "no e2e result"
+    if lf is None:
+        return None, None, "no largest fitting batch"
+    if m is base:
+        return 1.0, "exact", None
+    num, den = lower_bound(m), lower_bound(base)
+    if num and den:
+        return None, None, "both limits are lower bounds"
+    return lf / base["largest_fitting"], ("at least" if num else "at most" if den
+                                          else "exact"), None
+
+
+def largest_cell(m: dict, smallest: int) -> str:
+    """The largest batch that fits, as a table cell: '≥ n (why)' when it is a lower bound."""
+    lf = m["largest_fitting"]
+    if m["error"]:
+        return "n/a (probe failed, not OOM)"
+    if lf is None and (m["smallest_failing"] or 0) > smallest:
+        return f"n/a (probes ran out: every batch probed OOMed, down to {m['smallest_failing']})"
+    if lf is None:
+        return "n/a (nothing fits, not even the smallest probe)"
+    if lower_bound(m):
+        return f"≥ {lf} (" + ("cap reached" if m["capped"] else
+                              "probes ran out before an OOM") + ")"
+    return f"{lf}"
+
+
+def ratio_cell(m: dict, base: Optional[dict]) -> str:
+    """The ratio to e2e as a table cell: '≥'/'≤' when a lower-bound limit makes it a bound."""
+    value, bound, why = vs_e2e(m, base)
+    if value is None:
+        return "n/a" if why == "no largest fitting batch" else f"n/a ({why})"
+    return {"exact": "", "at least": "≥ ", "at most": "≤ "}[bound] + f"{value:.2f}x"
 
 
 def render_markdown(rep: dict) -> str:
@@ -284,7 +348,6 @@ def render_markdown(rep: dict) -> str:
            "peak allocated at largest (GiB) | probes |",
            "|---|---:|---:|---:|---:|---:|---|"]
     base = next((m for m in rep["modes"] if m["mode"] == "e2e"), None)
-    base_v = base["largest_fitting"] if base else None
     smallest = -(-MIN_BATCH // s["granularity"]) * s["granularity"]  # as search() rounds it
     notes: List[str] = []
     for m in rep["modes"]:
@@ -292,17 +355,9 @@ def render_markdown(rep: dict) -> str:
         if m["error"]:
             notes.append(" ".join(str(m["error"]).split()))  # one line, never cut
             lf_s = f"n/a (probe failed, not OOM: note {len(notes)})"
-        elif lf is None and (m["smallest_failing"] or 0) > smallest:
-            lf_s = (f"n/a (probes ran out: every batch probed OOMed, down to "
-                    f"{m['smallest_failing']})")
-        elif lf is None:
-            lf_s = "n/a (nothing fits, not even the smallest probe)"
-        elif m["smallest_failing"] is None and not m["capped"]:
-            lf_s = f"{lf} (probes ran out before an OOM, true limit may be higher)"
         else:
-            lf_s = f"{lf}" + (" (cap reached, true limit may be higher)" if m["capped"] else "")
-        ratio = (f"{lf / base_v:.2f}x" if lf is not None and base_v else
-                 "n/a (no e2e result)" if not base_v else "n/a")
+            lf_s = largest_cell(m, smallest)
+        ratio = ratio_cell(m, base)
         at = next((p for p in m["probes"] if p["batch"] == lf), None)
         peak = (f"{at['peak_allocated_gib']:.2f}" if at and at["peak_allocated_gib"] is not None
                 else f"n/a ({(at or {}).get('memory_unavailable') or 'not measured'})")
@@ -324,7 +379,9 @@ def render_markdown(rep: dict) -> str:
     out += ["", "![peak memory vs batch](memory_vs_batch.png)", "",
             "Each probe is a fresh trainer process (`--max-steps`/`--steps-per-block` as above, "
             "synthetic data); OOM = exit code 3. The true limit lies between the largest batch "
-            "that fits and the smallest that fails."]
+            "that fits and the smallest that fails; '≥ n' where no probe failed above n (the cap "
+            "was reached or the probes ran out): the true limit is n or more. x e2e: '≥' when "
+            "only the mode's limit is a lower bound, '≤' when only e2e's is, n/a when both are."]
     return "\n".join(out) + "\n"
 
 

@@ -16,9 +16,13 @@ never synchronizes: the caching allocator books memory on the host when a kernel
 its peak is exact without a sync; its time and energy are null ("not timed"), never 0. Windows are aggregated by name, and only those that close inside ``measure()``
 count: warm-up steps (compilation, autotuning, cudnn benchmarking) stay out of the figures.
 Each ``measure()`` entry is one segment of the run; the run's time, images and energy are sums
-over segments, its peaks maxima. A segment is labelled ``block<k>`` when exactly one block was
-trained in it (had a ``block<k>/backward`` window; sequential mode trains one block per segment
-and runs the earlier ones forward only), so reports can give per-block costs.
+over segments, its peaks maxima. Energy, power and the power trace are this process's GPU only:
+under torchrun each process meters its own GPU (the trainer saves rank 0's profile), while
+``images`` counts every process's pairs, so ``energy_per_image_j`` multiplies by world_size and
+``mean_power_w`` and the windows' energies stay one GPU's. A segment is labelled ``block<k>``
+when exactly one block was trained in it (had a ``block<k>/backward`` window; sequential mode
+trains one block per segment and runs the earlier ones forward only), so reports can give
+per-block costs.
 
 The cost of a timed boundary when enabled: one device synchronize, one NVML read per GPU, one RAPL
 read, one ``memory_stats`` call and a peak reset: tens of microseconds plus the time the GPU sits

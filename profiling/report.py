@@ -548,6 +548,33 @@ BLOCK_COLUMNS = [
 ]
 
 
+def _on_gpu(profile: Optional[dict]) -> bool:
+    """Whether a run trained on a GPU (its profile names one; a CPU run's meters have none)."""
+    env = (profile or {}).get("environment") or {}
+    return bool(env.get("gpu") or env.get("nvml_gpus"))
+
+
+def _world_size(profile: Optional[dict]) -> int:
+    return ((profile or {}).get("meta") or {}).get("world_size") or 1
+
+
+def _per_device(runs: Sequence[RunResult]) -> str:
+    """What a per-device rate is per: a GPU, or on CPU (no GPU) the training process."""
+    cpu = [not _on_gpu(r.profile) for r in runs if r.profile is not None]
+    return ("per process (CPU)" if cpu and all(cpu) else
+            "per GPU (CPU runs: per process)" if any(cpu) else "per GPU")
+
+
+def _columns(columns, runs: Sequence[RunResult]) -> list:
+    """The columns with labels that say what a figure covers in these runs: achieved TFLOP/s
+    per GPU or, on CPU, per process; mean power of this process's GPU only under torchrun
+    (profile.json is rank 0's: its power is one GPU's, not the job's)."""
+    ddp = any(_world_size(r.profile) > 1 for r in runs)
+    labels = {"achieved_tflops": f"achieved TFLOP/s {_per_device(runs)}",
+              "mean_power_w": "mean power, rank 0's GPU only (W)" if ddp else None}
+    return [(k, labels.get(k) or header, *rest) for k, header, *rest in columns]
+
+
 def _fmt(value: Any, fmt: str) -> str:
     if fmt == SIG:  # figures that span orders of magnitude (a CPU's TFLOP/s is 0.0x)
         return _sig(float(value))
@@ -731,6 +758,7 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
                         "phases_ms_per_image": phase_times(r, len(per_block)),
                         "phases_na": phase_reasons(r),
                         "timing": timing_label(r.profile),
+                        "world_size": _world_size(r.profile),
                         # the run's own method: metrics' energy_method names the power samples
                         # when the run was short, which its (counter) windows did not use
                         "window_energy_method": ((r.profile or {}).get("run") or {}).get(
@@ -746,13 +774,14 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
 
     rows = [(label_of(e), e["metrics"], e["na"]) for e in entries]
     tables = {
-        "summary": _build_table("Summary (measured steps only)", SUMMARY_COLUMNS, rows, base_met,
+        "summary": _build_table("Summary (measured steps only)",
+                                _columns(SUMMARY_COLUMNS, runs), rows, base_met,
                                 base_reason or "no e2e run", "x e2e"),
         "memory": _build_table("Peak memory: what lives across steps and the rest",
                                BREAKDOWN_COLUMNS, rows, base_met, base_reason or "no e2e run",
                                "x e2e"),
         "arithmetic": _build_table("Arithmetic: counted flops and the rate achieved",
-                                   ARITHMETIC_COLUMNS, rows, base_met,
+                                   _columns(ARITHMETIC_COLUMNS, runs), rows, base_met,
                                    base_reason or "no e2e run", "x e2e"),
         "detail": _build_table("Detail", DETAIL_COLUMNS, rows, base_met,
                                base_reason or "no e2e run", "x e2e"),
@@ -776,7 +805,8 @@ def build_report(runs: Sequence[RunResult], command: Optional[str] = None,
         ref = entries[runs.index(same)]
         flags = ", ".join("--" + n for n in base.without)
         tables["same_options"] = _build_table(
-            f"Against e2e with the same options ({flags}): {ref['label']!r}", SUMMARY_COLUMNS,
+            f"Against e2e with the same options ({flags}): {ref['label']!r}",
+            _columns(SUMMARY_COLUMNS, runs),
             [row for row, r in zip(rows, runs) if r is not base], ref["metrics"],
             f"e2e run {ref['label']!r} has no profile", "x e2e (same options)")
     phase_cols = [(p, f"{p} (ms/pair)", "{:.3f}", True) for p in PHASES]
@@ -826,8 +856,8 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "per image pair (sequential: summed over the 4 blocks, each block's step including the "
         "frozen blocks' forward); Triton kernels are not counted (the Barlow Twins loss: about "
         "8 N^2 D per call, a small fraction). Achieved TFLOP/s = those flops over the measured "
-        "time per pair, per GPU. The ratio of flops bounds the ratio of throughputs a mode can "
-        "reach at equal efficiency.",
+        f"time per pair, {_per_device(runs)}. The ratio of flops bounds the ratio of throughputs "
+        "a mode can reach at equal efficiency.",
         "Energy: NVML's total-energy counter (mJ) read after a device synchronize at both ends "
         "of each window (or, where the counter is unsupported, the trapezoid integral of power "
         "samples); GPU only, the CPU (RAPL) column is separate. Windows shorter than the "
@@ -848,6 +878,15 @@ def _notes(runs: Sequence[RunResult], base: Optional[RunResult]) -> List[str]:
         "Ratios ('x e2e') divide by the baseline run: "
         + (f"{base.label!r}." if base else "none (no e2e run), so ratios are n/a."),
     ]
+    worlds = sorted({_world_size(r.profile) for r in runs if r.profile} - {1})
+    if worlds:
+        notes.append(
+            f"Runs of {' or '.join(map(str, worlds))} processes (torchrun): each process meters "
+            "its own GPU and rank 0 writes profile.json, so mean power, the power trace and the "
+            "per-window energies are rank 0's GPU only, not the job's or the node's; GPU energy "
+            "per pair is that GPU's energy over the pairs it trained (images / world_size), the "
+            "job's energy per pair when every GPU draws alike. Throughput counts every "
+            "process's pairs.")
     if any(r.profile and "sampling" in (r.profile["run"].get("energy_method") or "")
            for r in runs):
         notes.append("At least one run measured energy, in whole or in part, by power sampling "
@@ -956,9 +995,13 @@ def _md_windows(r: dict, rep: dict, footnotes: List[str]) -> List[str]:
         return lines + [""]
     base = next((e for e in rep["runs"] if e["label"] == rep["baseline"]), None)
     base_w = base["windows"] if base else {}
+    # a window's energy is this process's GPU's: under torchrun, one GPU of several
+    e_head = ("energy, rank 0's GPU only (J)" if (r.get("world_size") or 1) > 1 else
+              "energy (J)")
     lines = [f"**{r['label']}**", "",
-             "| window | count | mean (ms) | x e2e (same window) | total (s) | energy (J) | "
-             "peak allocated (GiB) | windows < 100 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| window | count | mean (ms) | x e2e (same window) | total (s) | "
+             f"{e_head} | peak allocated (GiB) | windows < 100 ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     e_reason = r["na"].get("energy_per_image_j") or "GPU energy not measured"
     m_reason = r["na"].get("peak_allocated_gib") or "memory not measured"
     for name, w in sorted(r["windows"].items(), key=lambda kv: (kv[0] != "step", kv[0])):
@@ -1228,7 +1271,9 @@ def render_plots(rep: dict, out_dir: str) -> List[str]:
         for i, (a, b) in enumerate(trace.get("measured_s") or []):
             ax.axvspan(a, b, color="C2", alpha=0.15, label="measured" if i == 0 else None)
         ax.set_ylabel("power (W)")
-        ax.set_title(r["label"], fontsize=9, loc="left")
+        world = r.get("world_size") or 1
+        ax.set_title(r["label"] + (f" (rank 0's GPU only, of {world} processes)"
+                                   if world > 1 else ""), fontsize=9, loc="left")
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
         if trace.get("measured_s"):

@@ -222,6 +222,57 @@ def test_arithmetic_table(monkeypatch, tmp_path):
     assert "| run | GFLOP/pair (matmul + conv) | x e2e | achieved TFLOP/s per GPU |" in md
 
 
+def test_arithmetic_on_cpu_is_per_process_not_per_gpu(monkeypatch, tmp_path):
+    """A CPU run has no GPU: its achieved TFLOP/s is per (training) process, and neither the
+    table nor the note may call it per GPU."""
+    runs = []
+    for mode in ("e2e", "sequential"):
+        d = tmp_path / "runs" / mode
+        runs.append(RunResult(mode, str(d), make_profile(
+            monkeypatch, str(d / "profile.json"), mode, gpu=False,
+            meta_extra={"flops_per_step": [6.4e9] * (4 if mode == "sequential" else 1)})))
+    rep = write_report(runs, str(tmp_path / "report"))
+    assert rep["tables"]["arithmetic"]["rows"][0]["cells"]["achieved_tflops"] is not None
+    md = open(tmp_path / "report" / "report.md").read()
+    assert "| achieved TFLOP/s per process (CPU) |" in md
+    assert "per GPU" not in md and "per pair, per process (CPU)." in md
+
+
+def test_ddp_mean_power_and_window_energy_say_one_gpu(monkeypatch, tmp_path):
+    """Under torchrun the profile is rank 0's: its mean power, power trace and window energies
+    are one GPU's (energy per pair is scaled to the job): labels and notes say so; a
+    single-process report keeps its labels."""
+    import profiling.report as report_mod
+
+    titles = []
+    save = report_mod._save
+    monkeypatch.setattr(report_mod, "_save", lambda fig, path: (
+        titles.extend(ax.get_title(loc="left") for ax in fig.axes), save(fig, path)))
+    for world in (1, 2):
+        runs = []
+        for mode in ("e2e", "sequential"):
+            d = tmp_path / f"w{world}" / mode
+            runs.append(RunResult(mode, str(d), make_profile(
+                monkeypatch, str(d / "profile.json"), mode, meta_extra={"world_size": world})))
+        titles.clear()
+        rep = write_report(runs, str(tmp_path / f"report{world}"))
+        md = open(tmp_path / f"report{world}" / "report.md").read()
+        header = next(ln for ln in md.splitlines() if ln.startswith("| run | peak allocated"))
+        windows = [ln for ln in md.splitlines() if ln.startswith("| window | count | mean")]
+        ddp_note = [n for n in rep["notes"] if "torchrun" in n]
+        if world == 1:
+            assert "| mean power (W) |" in header and "rank 0" not in md and not ddp_note
+            assert all("| energy (J) |" in ln for ln in windows) and "e2e" in titles
+        else:
+            assert "| mean power, rank 0's GPU only (W) |" in header
+            assert len(windows) == 2 and all(
+                "| energy, rank 0's GPU only (J) |" in ln for ln in windows)
+            assert len(ddp_note) == 1 and "mean power, the power trace and the per-window " \
+                "energies are rank 0's GPU only" in ddp_note[0]
+            assert "e2e (rank 0's GPU only, of 2 processes)" in titles
+            assert [r["world_size"] for r in rep["runs"]] == [2, 2]
+
+
 def test_md_table_keeps_partly_measured_columns():
     from profiling.report import _md_table
     cols = [("a", "A (GiB)", "{:.2f}", False), ("b", "B (J)", "{:.2f}", False),
@@ -446,7 +497,8 @@ def test_maxbatch_outputs(tmp_path):
     assert _png_ok(str(tmp_path / "memory_vs_batch.png"))
     md = open(tmp_path / "maxbatch.md").read()
     assert "| e2e | 384 | 1.00x | 512 | 128 | 74.00 |" in md
-    assert "| sequential | 1024 (cap reached" in md and "2.67x" in md
+    # the cap fitted: 1024 is a lower bound, and so is its ratio to e2e's exact 384
+    assert "| sequential | ≥ 1024 (cap reached) | ≥ 2.67x |" in md
     assert "n/a (probe failed" in md
     assert json.load(open(tmp_path / "maxbatch.json"))["modes"][0]["largest_fitting"] == 384
     assert maxbatch_md(rep) == md
@@ -662,10 +714,72 @@ def test_maxbatch_markdown_when_probes_run_out():
     rows = {line.split("|")[1].strip(): line for line in maxbatch_md(rep).splitlines()
             if line.startswith("| ") and not line.startswith("| mode")}
     assert "nothing fits" not in rows["simultaneous"] and "ran out" in rows["simultaneous"]
-    assert "| sequential | 1024 (probes ran out before an OOM, true limit may be higher) |" \
+    assert "| sequential | ≥ 1024 (probes ran out before an OOM) | ≥ 16.00x |" \
         in rows["sequential"]
     assert "nothing fits, not even the smallest probe" in rows["nothing"]
     assert "| e2e | 64 | 1.00x | 128 | 64 |" in rows["e2e"]  # bracketed: no note
+
+
+def _mode(mode, lf, sf, capped=False, error=None):
+    return {"mode": mode, "error": error, "largest_fitting": lf, "smallest_failing": sf,
+            "resolution": None if lf is None or sf is None else sf - lf, "capped": capped,
+            "probes": [{"batch": b, "result": "fits", "peak_allocated_gib": 1.0}
+                       for b in (lf,) if b is not None]}
+
+
+@pytest.mark.parametrize("e2e, other, cell, value, bound", [
+    # (largest fitting, smallest failing, capped) of e2e and of the other mode
+    ((256, 288, False), (512, 544, False), "2.00x", 2.0, "exact"),
+    ((256, 288, False), (1024, None, True), "≥ 4.00x", 4.0, "at least"),      # cap reached
+    ((256, 288, False), (1024, None, False), "≥ 4.00x", 4.0, "at least"),     # probes ran out
+    ((512, None, False), (256, 288, False), "≤ 0.50x", 0.5, "at most"),
+    ((512, None, True), (1024, None, False), "n/a (both limits are lower bounds)", None, None),
+    ((None, 32, False), (1024, None, False), "n/a (no e2e result)", None, None),
+])
+def test_maxbatch_ratio_of_a_lower_bound_is_a_bound(e2e, other, cell, value, bound):
+    """A largest batch with no OOM above it is only a lower bound: the ratio to e2e is '≥'
+    over an exact e2e limit, '≤' under a lower-bound e2e limit, n/a between two lower bounds."""
+    from profiling.maxbatch import ratio_cell, vs_e2e
+
+    base, m = _mode("e2e", *e2e), _mode("sequential", *other)
+    assert ratio_cell(m, base) == cell
+    got, kind, why = vs_e2e(m, base)
+    assert (got, kind) == (value, bound) and (why is None) == (value is not None)
+    assert ratio_cell(base, base) == ("1.00x" if e2e[0] else "n/a (no e2e result)")
+    rep = {"command": "x", "environment": {}, "modes": [base, m],
+           "settings": {"arch": "resnet50", "image_size": 224, "projector": None,
+                        "fused": False, "device": "cuda", "start": 256, "max_batch": 1024,
+                        "granularity": 32, "max_probes": 3, "steps_per_probe": 2,
+                        "extra_trainer_args": []}}
+    row = next(ln for ln in maxbatch_md(rep).splitlines() if ln.startswith("| sequential |"))
+    assert row.split("|")[3].strip() == cell
+    assert row.split("|")[2].strip().startswith("≥ ") == (other[1] is None)
+
+
+def test_maxbatch_console_and_json_mark_lower_bounds(monkeypatch, tmp_path, capsys):
+    """The command's own summary and maxbatch.json say which limits and ratios are bounds: here
+    sequential fits up to the cap (a lower bound), e2e OOMs above 288 (exact)."""
+    _fake_cuda(monkeypatch)
+    template = tmp_path / "template" / "profile.json"
+    make_profile(monkeypatch, str(template), "e2e")
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINER.format(python=sys.executable,
+                                        limits={"e2e": 300, "sequential": 10_000},
+                                        template=str(template)))
+    fake.chmod(0o755)
+    out = tmp_path / "mb"
+    assert cli.main(["maxbatch", "--modes", "e2e,sequential", "--start", "256",
+                     "--granularity", "32", "--max-probes", "8", "--max-batch", "1024",
+                     "--device", "cuda", "--python", str(fake), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "  e2e: 288 (1.00x)" in printed
+    assert "  sequential: ≥ 1024 (cap reached) (≥ 3.56x)" in printed
+    by_mode = {m["mode"]: m for m in json.load(open(out / "maxbatch.json"))["modes"]}
+    assert by_mode["e2e"]["lower_bound"] is False and by_mode["sequential"]["lower_bound"] is True
+    assert by_mode["sequential"]["vs_e2e"] == pytest.approx(1024 / 288)
+    assert by_mode["sequential"]["vs_e2e_bound"] == "at least"
+    assert (by_mode["e2e"]["vs_e2e"], by_mode["e2e"]["vs_e2e_bound"]) == (1.0, "exact")
+    assert "| sequential | ≥ 1024 (cap reached) | ≥ 3.56x |" in open(out / "maxbatch.md").read()
 
 
 def test_maxbatch_steps_below_one_names_the_flag(tmp_path, capsys):

@@ -434,6 +434,36 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return vars(build_parser().parse_args(argv))
 
 
+#: settings that only some datasets read (data.py's other builders ignore them), and those datasets
+DATASET_FLAGS: Dict[str, Tuple[str, ...]] = {
+    "data_dir": ("cifar10", "imagefolder"), "download": ("cifar10",),
+    "num_classes": ("synthetic",), "synthetic_size": ("synthetic",),
+    "synthetic_augment": ("synthetic",)}
+
+
+def check_dataset_flags(dataset: str, given: Dict[str, Any]) -> None:
+    """A flag given on the command line that ``dataset`` ignores: ValueError (whoever set it
+    believes it took effect). Only ``given`` is checked: defaults and a resumed run's saved
+    settings are not flags given; neither is a switch given as off (``--no-download``), which
+    asks for nothing. An unknown dataset is left to Config's own message."""
+    from blockwise import data
+
+    if dataset not in data.DATASETS:
+        return
+    ignored = [f"--{_flag(name)} applies to --dataset {' or '.join(users)} only"
+               for name, users in DATASET_FLAGS.items()
+               if name in given and given[name] is not False and dataset not in users]
+    if ignored:
+        raise ValueError(f"{'; '.join(ignored)} (dataset is {dataset!r})")
+
+
+def config_from_flags(given: Dict[str, Any]) -> Config:
+    """A new run's Config from the flags given on the command line (``parse_args``)."""
+    dataset = given.get("dataset", Config.__dataclass_fields__["dataset"].default)
+    check_dataset_flags(dataset, given)
+    return Config(**given)
+
+
 #: settings a resumed run may change (they do not alter the training trajectory)
 RESUME_MUTABLE = ("max_steps", "workers", "log_interval", "probe_epochs", "probe_lr",
                   "probe_batch_size", "probe_control", "profile", "profile_warmup", "profile_phases",
@@ -461,6 +491,7 @@ def merge_for_resume(saved: Dict[str, Any], given: Dict[str, Any]) -> Config:
             raise ValueError(f"--{_flag(name)} {given[name]!r} differs from the resumed run's "
                              f"{values.get(name)!r}; a resumed run keeps its training settings "
                              f"(changeable: {', '.join(_flag(n) for n in RESUME_MUTABLE)})")
+    check_dataset_flags(trial.dataset, given)  # e.g. --data-dir on a digits run: not used
     return trial
 
 

@@ -80,7 +80,7 @@ def resolve_config(given: Dict[str, Any]) -> Config:
             where = given["resume"]
             given["out"] = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
         return config_mod.merge_for_resume(saved, given)
-    return Config(**given)
+    return config_mod.config_from_flags(given)
 
 
 #: files whose presence means a directory already holds a run

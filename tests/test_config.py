@@ -109,3 +109,27 @@ def test_resume_may_change_exact_options_and_move_the_data(tmp_path):
     folder = {**saved, "dataset": "imagefolder", "data_dir": str(tmp_path / "gone")}
     moved = C.merge_for_resume(folder, {"resume": "x", "data_dir": str(d)})
     assert moved.data_dir == str(d)
+
+
+def test_flags_the_dataset_ignores_are_refused_when_given():
+    with pytest.raises(ValueError, match=r"^--num-classes applies to --dataset synthetic only "
+                                         r"\(dataset is 'digits'\)$"):
+        C.config_from_flags({"num_classes": 5, "device": "cpu"})  # digits: the default dataset
+    with pytest.raises(ValueError, match="--synthetic-augment applies to --dataset synthetic only"):
+        C.config_from_flags({"dataset": "cifar10", "synthetic_augment": True, "device": "cpu"})
+    # defaults are not flags given; a switch given as off asks for nothing
+    cfg = C.config_from_flags({"download": False, "synthetic_augment": False, "device": "cpu"})
+    assert (cfg.dataset, cfg.num_classes, cfg.data_dir) == ("digits", 10, None)
+    cfg = C.config_from_flags({"dataset": "synthetic", "num_classes": 3, "synthetic_size": 64,
+                               "synthetic_augment": True, "device": "cpu"})
+    assert (cfg.num_classes, cfg.synthetic_size) == (3, 64)
+
+
+def test_resume_refuses_only_the_dataset_flags_given_again(tmp_path):
+    """The saved config holds every field (num_classes, synthetic_size, ... for any dataset),
+    and an older run may have saved one its dataset ignored: neither is a flag given."""
+    saved = {**Config(device="cpu").to_dict(), "num_classes": 5, "data_dir": str(tmp_path)}
+    assert C.merge_for_resume(saved, {"resume": "x", "workers": 0}).dataset == "digits"
+    with pytest.raises(ValueError, match="--data-dir applies to --dataset cifar10 or imagefolder "
+                                         "only \\(dataset is 'digits'\\)"):
+        C.merge_for_resume(saved, {"resume": "x", "data_dir": str(tmp_path)})

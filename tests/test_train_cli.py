@@ -166,14 +166,29 @@ BAD = [
     (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
     (["--profile", "--max-steps", "3"], "--profile would measure nothing: --max-steps 3 <= "
                                         "--profile-warmup 5"),
+    # a flag the dataset ignores
+    (["--dataset", "digits", "--num-classes", "5"], "--num-classes applies to --dataset "
+                                                    "synthetic only"),
+    (["--dataset", "digits", "--synthetic-size", "100"], "--synthetic-size applies to --dataset "
+                                                         "synthetic only"),
+    (["--dataset", "synthetic", "--data-dir", "x"], "--data-dir applies to --dataset cifar10 or "
+                                                    "imagefolder only (dataset is 'synthetic')"),
+    (["--dataset", "cifar10", "--num-classes", "3"], "--num-classes applies to --dataset "
+                                                     "synthetic only (dataset is 'cifar10')"),
+    (["--dataset", "imagefolder", "--data-dir", "x", "--download"],
+     "--download applies to --dataset cifar10 only"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_gets_a_clear_message_and_exit_code_2(tmp_path, capsys, args, message):
     base = [a for a in TINY]
-    # the flag under test replaces the tiny setting of the same name
-    for flag in args[::2]:
+    # the flag under test replaces the tiny setting of the same name; another --dataset also
+    # drops the tiny synthetic-only settings (that dataset would refuse them)
+    drop = [a for a in args if a.startswith("--")]
+    if "--dataset" in args and args[args.index("--dataset") + 1] != "synthetic":
+        drop += ["--synthetic-size", "--num-classes"]
+    for flag in drop:
         if flag in base:
             i = base.index(flag)
             del base[i:i + 2]
@@ -181,6 +196,15 @@ def test_bad_input_gets_a_clear_message_and_exit_code_2(tmp_path, capsys, args, 
     assert code == 2
     assert message in err, err
     assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_flag_the_dataset_ignores_is_refused_before_anything_is_built(tmp_path, capsys):
+    code, out, err = run_main(["--dataset", "digits", "--data-dir", tmp_path, "--num-classes", "5",
+                               "--out", tmp_path / "run"], capsys)
+    assert code == 2
+    assert err == ("error: --data-dir applies to --dataset cifar10 or imagefolder only; "
+                   "--num-classes applies to --dataset synthetic only (dataset is 'digits')\n")
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_flag_is_an_argparse_error(capsys):
@@ -224,6 +248,9 @@ def test_resume_continues_and_rejects_changed_training_flags(tmp_path, capsys):
     assert {f: (tmp_path / f).read_bytes() for f in train.RUN_FILES} == before
     code, _, err = run_main(["--resume", tmp_path, "--lr", "0.5"], capsys)
     assert code == 2 and "differs from the resumed run" in err
+    # --data-dir may change at resume, but this synthetic run reads none
+    code, _, err = run_main(["--resume", tmp_path, "--data-dir", tmp_path], capsys)
+    assert code == 2 and "--data-dir applies to --dataset cifar10 or imagefolder only" in err, err
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_bytes(metrics.read_bytes()[:-40])  # killed in the middle of a metrics line
     with pytest.warns(RuntimeWarning, match="unreadable line"):

@@ -516,8 +516,8 @@ SUMMARY_COLUMNS = [
     ("peak_reserved_gib", "peak reserved (GiB)", "{:.2f}", True),
     ("throughput_img_s", "throughput (pairs/s)", "{:.1f}", True),
     ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
-    ("energy_per_image_j", "energy/pair (J)", "{:.3f}", True),
-    ("mean_power_w", "mean power (W)", "{:.0f}", True),
+    ("energy_per_image_j", "GPU energy/pair (J)", "{:.3f}", True),
+    ("mean_power_w", "mean GPU power (W)", "{:.0f}", True),
 ]
 SIG = "sig"  # a column format: 3 significant digits, whole numbers from 100 up (see _sig)
 BREAKDOWN_COLUMNS = [
@@ -543,7 +543,7 @@ BLOCK_COLUMNS = [
     ("peak_allocated_gib", "peak allocated (GiB)", "{:.2f}", True),
     ("gflop_per_pair", "GFLOP/pair", SIG, True),
     ("time_per_image_ms", "time/pair (ms)", "{:.3f}", True),
-    ("energy_per_image_j", "energy/pair (J)", "{:.4f}", True),
+    ("energy_per_image_j", "GPU energy/pair (J)", "{:.4f}", True),
     ("energy_source", "energy from", "{}", False),
 ]
 
@@ -571,7 +571,7 @@ def _columns(columns, runs: Sequence[RunResult]) -> list:
     (profile.json is rank 0's: its power is one GPU's, not the job's)."""
     ddp = any(_world_size(r.profile) > 1 for r in runs)
     labels = {"achieved_tflops": f"achieved TFLOP/s {_per_device(runs)}",
-              "mean_power_w": "mean power, rank 0's GPU only (W)" if ddp else None}
+              "mean_power_w": "mean GPU power, rank 0's GPU only (W)" if ddp else None}
     return [(k, labels.get(k) or header, *rest) for k, header, *rest in columns]
 
 

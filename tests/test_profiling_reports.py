@@ -97,7 +97,7 @@ def test_report_tables_ratios_and_plots(monkeypatch, tmp_path):
                  "## How this was measured"):
         assert text in md, text
     # the unit is the image pair (batch size counts pairs), per second of measured step time
-    for text in ("throughput (pairs/s)", "time/pair (ms)", "energy/pair (J)", "(ms/pair)"):
+    for text in ("throughput (pairs/s)", "time/pair (ms)", "GPU energy/pair (J)", "(ms/pair)"):
         assert text in md, text
     assert "/img" not in md and "img/s" not in md
 
@@ -118,11 +118,11 @@ def test_unmeasured_is_na_never_zero(monkeypatch, tmp_path):
     summary = md.split("## Summary")[1].split("## Peak memory breakdown")[0]
     # columns unmeasured in every run are left out of the pasted table and named under it
     header = next(l for l in summary.splitlines() if l.startswith("| run"))
-    for label in ("peak allocated (GiB)", "energy/pair (J)", "mean power (W)"):
+    for label in ("peak allocated (GiB)", "GPU energy/pair (J)", "mean GPU power (W)"):
         assert label not in header, header
     assert "throughput (pairs/s)" in header and "time/pair (ms)" in header
     omitted = next(l for l in summary.splitlines() if l.startswith("Not in this table:"))
-    for label in ("peak allocated (GiB)", "energy/pair (J)", "mean power (W)"):
+    for label in ("peak allocated (GiB)", "GPU energy/pair (J)", "mean GPU power (W)"):
         assert label in omitted, omitted
     assert "n/a (CPU run)" in omitted
     rows = [l for l in summary.splitlines() if l.startswith(("| e2e", "| sequential"))]
@@ -261,10 +261,10 @@ def test_ddp_mean_power_and_window_energy_say_one_gpu(monkeypatch, tmp_path):
         windows = [ln for ln in md.splitlines() if ln.startswith("| window | count | mean")]
         ddp_note = [n for n in rep["notes"] if "torchrun" in n]
         if world == 1:
-            assert "| mean power (W) |" in header and "rank 0" not in md and not ddp_note
+            assert "| mean GPU power (W) |" in header and "rank 0" not in md and not ddp_note
             assert all("| energy (J) |" in ln for ln in windows) and "e2e" in titles
         else:
-            assert "| mean power, rank 0's GPU only (W) |" in header
+            assert "| mean GPU power, rank 0's GPU only (W) |" in header
             assert len(windows) == 2 and all(
                 "| energy, rank 0's GPU only (J) |" in ln for ln in windows)
             assert len(ddp_note) == 1 and "mean power, the power trace and the per-window " \

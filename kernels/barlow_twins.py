@@ -77,6 +77,11 @@ chunk (G_a + G_b + dz1 + dz2 + one chunk when the forward's a, b are reused).
 Numerics
 --------
 All accumulation is fp32 (fp64 for fp64 inputs), the loss is returned in fp32 (fp64 for fp64).
+On a GPU, compiled Triton passes every float scalar (eps, lambd, scale and the coefficients made
+of them) as fp32, so fp64 inputs see them rounded to fp32 (about 1e-8 relative; Triton's
+interpreter keeps them exact). They are not annotated ``tl.float64`` on purpose: such float
+annotations were ignored or passed wrong bits in some Triton versions our pin allows
+(triton-lang/triton#7408, #7439), which would hit the fp32/bf16 path too.
 Dot operands: a, b and G / D in the input dtype (bf16/fp16); fp32 inputs use IEEE fp32 dots
 (not tf32: torch's own fp32 matmul does not use tf32 by default either) and fp32 G.
 ``barlow_twins_fwd(..., grad_precision="tf32")`` keeps G in fp32 and runs the backward Gram dots
@@ -1013,24 +1018,30 @@ def _check_dist_shapes(z: torch.Tensor, dd: _Dist) -> None:
                          "(use drop_last=True in the sampler)")
 
 
-def _flops(method: str, n: int, r: int, d: int) -> float:
-    """Flops of this implementation."""
+def _flops(method: str, n: int, r: int, d: int, need: Tuple[bool, bool] = (True, True)) -> float:
+    """Flops of this implementation: the forward and the backward of each side in need."""
+    sides = sum(map(bool, need))
     if method == "gram":
         fwd = 2 * n * n * d if r == n else 4 * r * n * d       # symmetric tiles once
-        return fwd + 4 * r * n * d
-    return 2 * n * d * d + 2 * (2 * n * d * d + 2 * r * d * d)  # backward panels recompute C
+        return fwd + sides * 2 * r * n * d
+    return 2 * n * d * d + sides * (2 * n * d * d + 2 * r * d * d)  # each side's panels recompute C
 
 
 @functools.lru_cache(maxsize=None)
-def choose_method(n: int, d: int, rows: Optional[int] = None) -> str:
+def choose_method(n: int, d: int, rows: Optional[int] = None,
+                  need: Tuple[bool, bool] = (True, True)) -> str:
     """The method "auto" picks: the one with fewer flops in this implementation.
 
-    Single process that is "gram" iff N <= (5/3) D (gram: 2 N^2 D forward with symmetric tiles +
-    4 N^2 D backward; cross: 2 N D^2 forward + 4 N D^2 recomputing C in the backward panels +
-    4 N D^2 backward). Under DDP with ``rows`` per rank, the per-rank counts.
+    ``need``: the gradients the backward will compute ((False, False): no backward, e.g. under
+    torch.no_grad). Single process that is "gram" iff N <= (5/3) D with both gradients (gram:
+    2 N^2 D forward with symmetric tiles + 2 N^2 D backward per side; cross: 2 N D^2 forward +
+    per side 2 N D^2 recomputing C in the backward panels + 2 N D^2 backward), N <= 1.5 D with
+    one, N <= D with none. Under DDP with ``rows`` per rank, the per-rank counts (every rank
+    must then pass the same ``need``, as it must the same shapes).
     """
     r = n if rows is None else rows
-    return "gram" if _flops("gram", n, r, d) <= _flops("cross", n, r, d) else "cross"
+    return ("gram" if _flops("gram", n, r, d, need) <= _flops("cross", n, r, d, need)
+            else "cross")
 
 
 @dataclass
@@ -1181,7 +1192,7 @@ def barlow_twins_fwd(z1: torch.Tensor, z2: torch.Tensor, lambd: float, scale: fl
     n, d = z1g.shape
     dev = z1.device
     if method == "auto":
-        method = choose_method(n, d, rows)
+        method = choose_method(n, d, rows, tuple(map(bool, need)))
     if grad_precision is None and z1.dtype in (torch.bfloat16, torch.float16):
         # small batches are launch bound (docs/performance.md): fp32 operands cost no wall time
         # there and keep the correlated-view gradient at the output's own rounding
@@ -1437,12 +1448,13 @@ def _on_device(device: torch.device):
 
 class _BarlowTwinsLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, z1, z2, lambd, scale, eps, method, group):
-        keep = any(ctx.needs_input_grad[:2])
+    def forward(ctx, z1, z2, lambd, scale, eps, method, group, grad_enabled):
+        # grad mode is off inside forward and needs_input_grad ignores it: the caller's mode
+        need = tuple(bool(x) and grad_enabled for x in ctx.needs_input_grad[:2])
+        keep = any(need)
         with _on_device(z1.device):
             loss, st = barlow_twins_fwd(z1, z2, float(lambd), float(scale), float(eps), method,
-                                        group, keep_for_backward=keep,
-                                        need=tuple(bool(x) for x in ctx.needs_input_grad[:2]))
+                                        group, keep_for_backward=keep, need=need)
         ctx.state = st
         if keep:  # autograd's version counters: z changed in place after this call is an error
             ctx.save_for_backward(z1, z2)
@@ -1456,7 +1468,7 @@ class _BarlowTwinsLossFn(torch.autograd.Function):
         need = tuple(bool(x) for x in ctx.needs_input_grad[:2])
         with _on_device(st.z1.device):
             dz1, dz2 = barlow_twins_bwd(st, grad_loss, need)
-        return dz1, dz2, None, None, None, None, None
+        return dz1, dz2, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1659,7 +1671,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
         scale: multiplies the whole loss.
         eps: BatchNorm epsilon (biased batch variance, no affine).
         method: "gram" (N x N form), "cross" (D x D form, tiled: no D x D buffer) or "auto" (the
-            one with fewer flops here: see :func:`choose_method`).
+            one with fewer flops here, the backward counted for the gradients that will be
+            computed: none under torch.no_grad; see :func:`choose_method`).
         group: a torch.distributed process group. Default: the world group when torch.distributed
             is initialised. With more than one rank the loss is the single-process loss over the
             concatenation of every rank's batch (rank order), identical on every rank; every rank
@@ -1689,7 +1702,8 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
     if cuda_graphs and _graphs_usable(z1, z2, group):
         with _on_device(z1.device):
             return _GraphedLossFn.apply(z1, z2, float(lambd), float(scale), float(eps), method)
-    return _BarlowTwinsLossFn.apply(z1, z2, lambd, scale, eps, method, group)
+    return _BarlowTwinsLossFn.apply(z1, z2, lambd, scale, eps, method, group,
+                                    torch.is_grad_enabled())
 
 
 class BarlowTwinsLoss(nn.Module):

@@ -472,6 +472,37 @@ def test_auto_picks_by_flops_and_matches(device):
         assert torch.equal(la, lm) and torch.equal(a1, m1) and torch.equal(a2, m2)
 
 
+def test_auto_counts_only_the_backward_that_runs(monkeypatch, device):
+    """"auto" counts the backward of the gradients that will be computed. At N = 100, D = 64
+    gram has fewer flops with both gradients (N <= 5/3 D), cross with one (N > 1.5 D) and with
+    none, under torch.no_grad or without an input that requires grad (forward only: N > D; gram
+    was picked there at N / D = 1.56 times cross's flops)."""
+    assert choose_method(100, 64) == "gram"
+    assert choose_method(100, 64, need=(False, True)) == "cross"
+    assert choose_method(100, 64, need=(False, False)) == "cross"
+    assert choose_method(64, 64, need=(False, False)) == "gram"
+    # DDP, 2 ranks of 48 rows: gram up to R = D with both gradients, R = D / 2 forward only
+    assert choose_method(96, 64, 48) == "gram"
+    assert choose_method(96, 64, 48, (False, False)) == "cross"
+    z1, z2 = _inputs(100, 64, torch.float32, device)
+    ref, g1, g2, (s1, s2) = _reference(z1, z2)
+    fwd_kernel = {"gram": "_bt_gram_fwd_kernel", "cross": "_bt_cross_tile_kernel"}
+    names = _recording_launch(monkeypatch)
+    for grads, no_grad, want in (((True, True), False, "gram"), ((False, True), False, "cross"),
+                                 ((True, True), True, "cross"), ((False, False), False, "cross")):
+        names.clear()
+        a, b = (z.clone().requires_grad_(g) for z, g in zip((z1, z2), grads))
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            loss = barlow_twins_loss(a, b, method="auto")
+        assert names[1] == fwd_kernel[want], (grads, no_grad, names)  # after the statistics
+        assert rel_err(loss, ref) <= 1e-5
+        if not no_grad:
+            for z, g, sc, name in ((a, g1, s1, "dz1"), (b, g2, s2, "dz2")):
+                if z.requires_grad:
+                    (dz,) = torch.autograd.grad(loss, z, retain_graph=True)
+                    assert_close(dz, g, rtol=1e-5, atol=1e-5 * sc, name=f"{want} {name}")
+
+
 def test_module_equals_function(device):
     z1, z2 = _inputs(20, 24, torch.float32, device)
     mod = BarlowTwinsLoss(lambd=0.01, scale=0.3, eps=1e-4, method="cross")

@@ -426,10 +426,13 @@ def validate(args: argparse.Namespace, extra: Sequence[str]) -> dict:
 
 def cpu_notice(args: argparse.Namespace) -> str:
     why = "--device cpu" if args.device == "cpu" else "no CUDA device here"
+    # the hint for smaller settings only where these are larger than it
+    big = args.arch != "resnet18" or args.image_size > 32 or args.batch_size > 16
     return (f"note: {why}: the trainer runs use the CPU, so peak memory and energy will be n/a "
-            f"(throughput and flops only); {args.arch} at {args.image_size} px, batch "
-            f"{args.batch_size} (the defaults are ResNet-50 at 224 px, batch 256) is slow on a "
-            f"CPU: e.g. --arch resnet18 --image-size 32 --batch-size 16 --projector 512-512"
+            f"(throughput and flops only)"
+            + (f"; {args.arch} at {args.image_size} px, batch {args.batch_size} (the defaults "
+               f"are ResNet-50 at 224 px, batch 256) is slow on a CPU: e.g. --arch resnet18 "
+               f"--image-size 32 --batch-size 16 --projector 512-512" if big else "")
             + ("; --fused: the Triton kernels need CUDA, the PyTorch references will be measured"
                if args.fused != "off" else ""))
 

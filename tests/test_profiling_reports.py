@@ -1077,6 +1077,13 @@ def test_compare_says_when_it_runs_on_cpu(monkeypatch, tmp_path, capsys, device,
         assert len(lines) == 1 and lines[0].startswith(note), lines
         assert "memory and energy will be n/a" in lines[0]
         assert "ResNet-50 at 224 px, batch 256" in lines[0] and "slow on a CPU" in lines[0]
+    if has_cuda:
+        return
+    small = ["--arch", "resnet18", "--image-size", "32", "--batch-size", "16", "--overwrite"]
+    assert cli.main(args + small) == 0  # already the suggested settings: no suggestion
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert len(lines) == 1 and "memory and energy will be n/a" in lines[0]
+    assert "slow on a CPU" not in lines[0], lines[0]
 
 
 def test_compare_report_says_whether_the_triton_kernels_ran(monkeypatch, tmp_path, capsys):

@@ -943,9 +943,10 @@ class Trainer:
 
         Steps not yet logged are logged first: a resume redoes only the steps after the
         checkpoint, so metrics.jsonl would otherwise never record these."""
-        self._flush_log(force=True)
         if not self.cfg.checkpoint:
+            self._check_finite()
             return None
+        self._flush_log(force=True)
         if hasattr(self, "_t_run"):
             self.state.time_s = self._time_before + time.perf_counter() - self._t_run
         per_rank = self._rng_per_rank()

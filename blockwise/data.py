@@ -431,8 +431,8 @@ def build_datasets(name: str = "digits", data_dir=None, image_size: Optional[int
                    synthetic_augment: bool = False) -> DataBundle:
     """Build a dataset from ``DATASETS``.
 
-    ``image_size=None`` takes the dataset's natural size (``DEFAULT_IMAGE_SIZE``: 32 for digits
-    and cifar10, 224 for imagefolder and synthetic). ``num_classes``, ``synthetic_size``,
+    ``image_size=None`` takes the dataset's natural size (``DEFAULT_IMAGE_SIZE``: 16 for digits,
+    32 for cifar10, 224 for imagefolder and synthetic). ``num_classes``, ``synthetic_size``,
     ``seed`` and ``synthetic_augment`` concern ``synthetic`` only (the other datasets count
     their classes). A missing data directory raises FileNotFoundError (ValueError when none is
     given); an unknown name raises ValueError listing the valid ones.

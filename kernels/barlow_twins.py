@@ -79,9 +79,10 @@ Numerics
 All accumulation is fp32 (fp64 for fp64 inputs), the loss is returned in fp32 (fp64 for fp64).
 On a GPU, compiled Triton passes every float scalar (eps, lambd, scale and the coefficients made
 of them) as fp32, so fp64 inputs see them rounded to fp32 (about 1e-8 relative; Triton's
-interpreter keeps them exact). They are not annotated ``tl.float64`` on purpose: such float
-annotations were ignored or passed wrong bits in some Triton versions our pin allows
-(triton-lang/triton#7408, #7439), which would hit the fp32/bf16 path too.
+interpreter keeps them exact). They are not annotated ``tl.float64``: such float annotations
+were ignored or passed wrong bits in Triton releases of 2025 (triton-lang/triton#7408, #7439),
+which would hit the fp32/bf16 path too; the fixed releases (setup.py pins triton >= 3.6) could
+take them, but that has not been checked on a GPU.
 Dot operands: a, b and G / D in the input dtype (bf16/fp16); fp32 inputs use IEEE fp32 dots
 (not tf32: torch's own fp32 matmul does not use tf32 by default either) and fp32 G.
 ``barlow_twins_fwd(..., grad_precision="tf32")`` keeps G in fp32 and runs the backward Gram dots

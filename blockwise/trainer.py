@@ -619,7 +619,7 @@ class Trainer:
                 if cfg.mode == "sequential":
                     self._finish_block(b)
                     st.block, st.block_step, st.epoch, st.batch = b + 1, 0, 0, 0
-            self._flush_log(force=True)
+            self._flush_log()
             self.save_checkpoint()
         finally:
             self._bar.close()
@@ -849,7 +849,7 @@ class Trainer:
         self._lr, self._phase = lr, b
         self._bar.update(1)
         if self.state.step % self.cfg.log_interval == 0 or last or self.capped():
-            self._flush_log(force=True)
+            self._flush_log()
 
     def _check_finite(self) -> Optional[torch.Tensor]:
         """Raise NonFiniteLoss on the first NaN/inf loss not yet checked (host-device sync)."""
@@ -865,7 +865,11 @@ class Trainer:
                                 step, float(values[i, j]), self.last_checkpoint)
         return values
 
-    def _flush_log(self, force: bool = False) -> None:
+    def _run_time(self, now: float) -> float:
+        """The run's training time at ``now`` (perf_counter), a resume continuing the saved one."""
+        return self._time_before + now - self._t_run
+
+    def _flush_log(self) -> None:
         values = self._check_finite()
         if values is None:
             return
@@ -890,7 +894,7 @@ class Trainer:
                         "step": self.state.step, "block": int(name), "loss": value,
                         "lr": self._lr, "ms_per_step": ms, "peak_memory_gib": block_mem,
                         "epoch": self.state.epoch, "phase_step": self.state.block_step,
-                        "time_s": self._time_before + now - self._t_run}) + "\n")
+                        "time_s": self._run_time(now)}) + "\n")
         self._pending.clear()
         self._t_log, self._steps_at_log = now, self.state.step
 
@@ -946,9 +950,9 @@ class Trainer:
         if not self.cfg.checkpoint:
             self._check_finite()
             return None
-        self._flush_log(force=True)
-        if hasattr(self, "_t_run"):
-            self.state.time_s = self._time_before + time.perf_counter() - self._t_run
+        self._flush_log()
+        if hasattr(self, "_t_run"):  # inside fit: the clock goes on; else it is the saved one
+            self.state.time_s = self._run_time(time.perf_counter())
         per_rank = self._rng_per_rank()
         if not self.is_main:
             return None
@@ -1003,7 +1007,7 @@ class Trainer:
             "steps": self.state.step,
             "steps_this_process": done,
             "time_s": elapsed,
-            "run_time_s": getattr(self, "_time_before", 0.0) + elapsed,  # all sessions of a resume
+            "run_time_s": self._time_before + elapsed,  # all sessions of a resume
             "pairs_per_s": pairs / elapsed if elapsed > 0 else None,
             "loader_capacity_pairs_per_s": loader,
             "data_wait_share": self.data_wait_s / elapsed if elapsed > 0 else None,
